@@ -374,6 +374,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             setattr(args, key, value)
 
     f = args.precondition_frequency
+    if f < 2:
+        parser.error("--precondition-frequency must be at least 2 (some calls must not refresh)")
     if args.warmup < f + 1:
         parser.error(f"--warmup {args.warmup} must be at least f + 1 = {f + 1} (one refresh)")
     if args.steps < f:

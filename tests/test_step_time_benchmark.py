@@ -2,6 +2,7 @@
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ def load_benchmark():
     """Import the benchmark script as a module from its file path."""
     spec = importlib.util.spec_from_file_location("step_time", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
     spec.loader.exec_module(module)
     return module
 

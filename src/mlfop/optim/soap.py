@@ -271,7 +271,8 @@ class SOAP(torch.optim.Optimizer):
     def _update_param(self, config: SOAPConfig, param: Tensor, grad: Tensor) -> None:
         """SOAP on one parameter: the first call sets up the bases, later calls take a step."""
         layout = self._layout(config, param)
-        block = grad.to(_state_dtype(param)).reshape(layout[0])
+        # Contiguous first, so that a channels_last or strided gradient takes the same steps.
+        block = grad.to(dtype=_state_dtype(param), memory_format=torch.contiguous_format).view(layout[0])
         state = self.state[param]
         if not state:
             self._init_state(config, param, block, layout)
