@@ -74,3 +74,22 @@ def test_kronecker_statistics_are_mode_gram_matrices():
     torch.testing.assert_close(right, m.T @ m)
     v = torch.randn(4, dtype=torch.float64)
     torch.testing.assert_close(kronecker_statistics(v, [True])[0], torch.outer(v, v))
+
+
+def test_leading_stream_dimension_is_carried_through_rotation_and_summed_in_statistics():
+    streams = torch.randn(3, 4, 5, dtype=torch.float64)
+    ql, qr = _orthonormal(4, 6), _orthonormal(5, 7)
+    for bases in ([ql, qr], [None, qr], [ql, None]):
+        stacked = rotate(streams, bases)
+        for k in range(3):
+            torch.testing.assert_close(stacked[k], rotate(streams[k], bases))
+        torch.testing.assert_close(unrotate(stacked, bases), streams)
+    cube = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    q0, q2 = _orthonormal(3, 8), _orthonormal(5, 9)
+    stacked = rotate(cube, [q0, None, q2])
+    torch.testing.assert_close(stacked[1], rotate(cube[1], [q0, None, q2]))
+    stats = kronecker_statistics(streams, [True, True])
+    torch.testing.assert_close(stats[0], sum(s @ s.T for s in streams))
+    torch.testing.assert_close(stats[1], sum(s.T @ s for s in streams))
+    stats = kronecker_statistics(cube, [True, False, True])
+    torch.testing.assert_close(stats[2], sum(kronecker_statistics(c, [True, False, True])[2] for c in cube))

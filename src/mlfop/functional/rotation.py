@@ -76,21 +76,26 @@ def block_layout(
 
 
 def _contract(x: Tensor, bases: Sequence[Tensor | None], basis_dim: int) -> Tensor:
-    """Contract dimension ``i`` of ``x`` with ``bases[i]`` (along the basis' ``basis_dim``)."""
-    if x.dim() == 2:
+    """Contract block dimension ``i`` of ``x`` with ``bases[i]`` (along the basis' ``basis_dim``).
+
+    ``x`` may carry leading dimensions before the block's (e.g. one per gradient stream); they
+    are left alone.
+    """
+    leading = x.dim() - len(bases)
+    if len(bases) == 2:
         left, right = bases
         if left is not None:
             x = (left.T if basis_dim == 0 else left) @ x
         if right is not None:
             x = x @ (right if basis_dim == 0 else right.T)
         return x
-    # Each contraction consumes dimension 0 and appends the result last, so after a full
-    # cycle the dimensions are back in their original order.
+    # Each contraction consumes the first block dimension and appends the result last, so
+    # after a full cycle the block dimensions are back in their original order.
     for basis in bases:
         if basis is None:
-            x = x.movedim(0, -1)
+            x = x.movedim(leading, -1)
         else:
-            x = torch.tensordot(x, basis, dims=([0], [basis_dim]))
+            x = torch.tensordot(x, basis, dims=([leading], [basis_dim]))
     return x
 
 
@@ -105,8 +110,13 @@ def unrotate(y: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
 
 
 def kronecker_statistics(x: Tensor, preconditioned: Sequence[bool]) -> list[Tensor | None]:
-    r"""Per-dimension Gram matrices :math:`X_{(i)} X_{(i)}^\top` (``None`` where not rotated)."""
-    if x.dim() == 2:
+    r"""Per-dimension Gram matrices :math:`X_{(i)} X_{(i)}^\top` (``None`` where not rotated).
+
+    Leading dimensions of ``x`` before the block's are summed over: for streams stacked as
+    :math:`[\sqrt{w_k} X_k]_k` this gives :math:`\sum_k w_k X_{k(i)} X_{k(i)}^\top`.
+    """
+    leading = x.dim() - len(preconditioned)
+    if leading == 0 and x.dim() == 2:
         left, right = preconditioned
         return [x @ x.T if left else None, x.T @ x if right else None]
     stats: list[Tensor | None] = []
@@ -114,6 +124,6 @@ def kronecker_statistics(x: Tensor, preconditioned: Sequence[bool]) -> list[Tens
         if not rotated:
             stats.append(None)
             continue
-        others = [j for j in range(x.dim()) if j != i]
+        others = [j for j in range(x.dim()) if j != leading + i]
         stats.append(torch.tensordot(x, x, dims=(others, others)))
     return stats

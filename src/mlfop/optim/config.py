@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SOAPConfig", "NONFINITE_POLICIES"]
+__all__ = ["SOAPConfig", "FOPConfig", "NONFINITE_POLICIES"]
 
 NONFINITE_POLICIES = ("skip", "raise")
 
@@ -101,3 +101,34 @@ class SOAPConfig:
     def to_group(self) -> dict[str, Any]:
         """Plain values for ``param_groups`` (loadable with ``torch.load(weights_only=True)``)."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FOPConfig(SOAPConfig):
+    """ML-FOP-SOAP's per-group values: SOAP's plus the Fisher-orthogonal projection's knobs.
+
+    - ``beta_max = 1``: a correction coefficient above 1 would add more of a stream's
+      (perpendicular) deviation than the stream itself has; by Cauchy-Schwarz the correction
+      is never longer than the shared component under the inverse metric anyway.
+    - ``eta_range = (1/3, 1)``: for two streams and an unclipped (or sign-preserving clipped)
+      beta, eta* = (A + beta D) / (A + 2 beta D + beta^2 E) always lies in [1/3, 1]; the range
+      only bites for rounding or clipped K > 2 solutions, and never lengthens SOAP's step.
+    - ``eps_fop = 1e-30``: only keeps s = <d, g>_H / <g, g>_H finite for an all-zero block; any
+      real gradient's <g, g>_H is many orders larger.
+    """
+
+    beta_max: float = 1.0
+    eta_range: tuple[float, float] = (1.0 / 3.0, 1.0)
+    eps_fop: float = 1e-30
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number("beta_max", self.beta_max, low=0.0, low_inclusive=True)
+        if not isinstance(self.eta_range, (tuple, list)) or len(self.eta_range) != 2:
+            raise TypeError(f"eta_range must be a pair (eta_min, eta_max), got {self.eta_range!r}")
+        object.__setattr__(self, "eta_range", tuple(float(v) for v in self.eta_range))
+        _check_number("eta_range[0]", self.eta_range[0], low=0.0, low_inclusive=False)
+        _check_number("eta_range[1]", self.eta_range[1], low=0.0, low_inclusive=False)
+        if self.eta_range[0] > self.eta_range[1]:
+            raise ValueError(f"eta_range must satisfy eta_min <= eta_max, got {self.eta_range!r}")
+        _check_number("eps_fop", self.eps_fop, low=0.0, low_inclusive=True)

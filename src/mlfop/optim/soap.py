@@ -70,7 +70,7 @@ def _materialize_params(params: Any, owner: str) -> list[Any]:
 def _check_param(param: Any, owner: str) -> None:
     if not isinstance(param, Tensor):
         raise TypeError(f"{owner} parameters must be tensors, got {type(param).__name__}")
-    if param.is_sparse:
+    if param.layout != torch.strided:  # is_sparse is False for CSR/CSC/BSR/BSC layouts
         raise TypeError(f"{owner} does not support sparse parameters (got layout {param.layout}); use dense tensors")
     if param.is_complex():
         raise TypeError(
@@ -160,9 +160,13 @@ class SOAP(torch.optim.Optimizer):
             maximize=maximize,
             nonfinite=nonfinite,
         )
+        self._init_from_config(params, config)
+
+    def _init_from_config(self, params: Iterable[Any], config: SOAPConfig) -> None:
+        """Shared by subclasses: counters, then ``torch.optim.Optimizer`` with plain group values."""
         self.skipped_steps = 0
         self.basis_failures = 0
-        super().__init__(_materialize_params(params, type(self).__name__), config.to_group())
+        torch.optim.Optimizer.__init__(self, _materialize_params(params, type(self).__name__), config.to_group())
 
     # ----------------------------------------------------------------- groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -177,16 +181,32 @@ class SOAP(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    # Attributes beyond torch's defaults/state/param_groups that pickling and deepcopy keep.
+    _pickled_attributes: tuple[str, ...] = ("skipped_steps", "basis_failures")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update({name: getattr(self, name) for name in self._pickled_attributes})
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("basis_failures", 0)
 
     # --------------------------------------------------------------------- state dict
+    def _global_state(self) -> dict[str, Any]:
+        """Optimizer-wide values saved beside the per-parameter state (plain numbers)."""
+        return {"skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
+
+    def _load_global_state(self, global_state: dict[str, Any]) -> None:
+        self.skipped_steps = int(global_state.get("skipped_steps", 0))
+        self.basis_failures = int(global_state.get("basis_failures", 0))
+
     def state_dict(self) -> dict[str, Any]:
-        """The usual ``{"state", "param_groups"}`` plus ``"counters"`` (skipped steps, basis failures)."""
+        """The usual ``{"state", "param_groups"}`` plus ``"global_state"`` (counters and the like)."""
         state_dict = super().state_dict()
-        state_dict["counters"] = {"skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
+        state_dict["global_state"] = self._global_state()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -208,9 +228,7 @@ class SOAP(torch.optim.Optimizer):
             dtype = _state_dtype(param)
             for key, value in saved.get(pid, {}).items():
                 self.state[param][key] = value.to(device=param.device, dtype=dtype)
-        counters = state_dict.get("counters", {})
-        self.skipped_steps = int(counters.get("skipped_steps", 0))
-        self.basis_failures = int(counters.get("basis_failures", 0))
+        self._load_global_state(state_dict.get("global_state", {}))
 
     # --------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -220,12 +238,18 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step_gradients()
+        return loss
+
+    def _step_gradients(self) -> None:
+        """Update every parameter from ``p.grad`` (after the non-finite check)."""
         work = self._gradients()
-        if not self._gradients_are_finite(work):
-            return loss
+        if self._gradients_are_finite(work):
+            self._update_params(work)
+
+    def _update_params(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
         for config, param, grad in work:
             self._update_param(config, param, grad)
-        return loss
 
     def _gradients(self) -> list[tuple[SOAPConfig, Tensor, Tensor]]:
         """``(config, param, grad)`` for every parameter with a gradient (``-grad`` to maximise)."""
@@ -275,7 +299,7 @@ class SOAP(torch.optim.Optimizer):
         block = grad.to(dtype=_state_dtype(param), memory_format=torch.contiguous_format).view(layout[0])
         state = self.state[param]
         if not state:
-            self._init_state(config, param, block, layout)
+            self._init_state(config, param, layout, kronecker_statistics(block, layout[1]))
             return
         rotated = rotate(block, _block_tensors(state, layout)[3])
         self._real_step(
@@ -339,10 +363,10 @@ class SOAP(torch.optim.Optimizer):
         self,
         config: SOAPConfig,
         param: Tensor,
-        block: Tensor,
         layout: tuple[tuple[int, ...], tuple[bool, ...]],
+        factor_statistics: list[Tensor | None],
     ) -> None:
-        """First call: zero moments, factors from this gradient, first bases by ``eigh``."""
+        """First call: zero moments, factors from this step's statistics, first bases by ``eigh``."""
         block_shape, preconditioned = layout
         state = self.state[param]
         dtype = _state_dtype(param)
@@ -353,7 +377,7 @@ class SOAP(torch.optim.Optimizer):
             torch.zeros(size, size, dtype=dtype, device=param.device) if rotated else None
             for size, rotated in zip(block_shape, preconditioned)
         ]
-        ema_factors_(factors, kronecker_statistics(block, preconditioned), config.factor_beta)
+        ema_factors_(factors, factor_statistics, config.factor_beta)
         for i, factor in enumerate(factors):
             if factor is None:
                 continue

@@ -1,0 +1,466 @@
+"""``MLFOPSOAP``: SOAP plus the Fisher-orthogonal combination of per-modality gradient streams."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from mlfop.distributed import all_reduce_folds, default_process_group
+from mlfop.folding import UNTAGGED_STREAMS, StreamFolds
+from mlfop.functional.fop import (
+    FOPSystem,
+    combination_coefficients,
+    combine,
+    fop_system,
+    solve_beta,
+    step_scale,
+    stream_gram_matrices,
+)
+from mlfop.functional.rotation import kronecker_statistics, rotate
+from mlfop.optim.config import FOPConfig
+from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _block_tensors
+
+__all__ = ["MLFOPSOAP", "LEVELS", "WEIGHT_MODES"]
+
+LEVELS = ("global", "layer", "head")
+WEIGHT_MODES = ("tokens", "fixed", "balanced")
+
+# A rescale of p.grad after the last fold (clipping, unscaling) must be one global scalar: the
+# residual p.grad - c * sum_k S_k may only be rounding, relative to the streams' size.
+_RESCALE_RTOL = 1e-5
+
+
+@dataclass
+class _Block:
+    """One parameter's work between the two passes of a step (a block awaiting its beta)."""
+
+    config: FOPConfig
+    param: Tensor
+    streams: Tensor
+    rotated: Tensor
+    second_moment: Tensor
+    system: FOPSystem
+
+
+class MLFOPSOAP(SOAP):
+    r"""ML-FOP-SOAP: SOAP with a Fisher-orthogonal combination of K >= 2 gradient streams.
+
+    Gradient accumulation produces, per micro-batch, one stream's contribution (a modality such
+    as image generation or text understanding, or, untagged, alternate sub-batches);
+    :meth:`fold` after each backward records it (see :mod:`mlfop.folding`: ``p.grad`` keeps
+    the total). At :meth:`step`, per block, with stream gradients :math:`g_k = S_k / a_k`,
+    weights :math:`w_k` and :math:`r_k = \operatorname{rot}(g_k)`:
+
+    .. math::
+       \begin{aligned}
+            &F_i \leftarrow \beta_s F_i + (1-\beta_s) \textstyle\sum_k w_k G_{k(i)} G_{k(i)}^\top,
+            \quad V \leftarrow \beta_2 V + (1-\beta_2) \textstyle\sum_k w_k r_k^2,
+            \quad h = \sqrt{V} + \epsilon                                                        \\
+            &\bar g = \textstyle\sum_k w_k r_k, \quad
+              g^\perp_k = (r_k - \bar g) - s_k \bar g \;\; (\langle g^\perp_k, \bar g\rangle_H = 0),
+              \quad \beta = \operatorname{clip}(E^{+} D)                                          \\
+            &g_{comb} = \bar g + \textstyle\sum_k \beta_k g^\perp_k, \quad
+              \eta^* = \operatorname{clip}\big(\langle \bar g, g_{comb}\rangle_{H^{-1}} /
+                       \langle g_{comb}, g_{comb}\rangle_{H^{-1}}\big)                           \\
+            &M \leftarrow \beta_1 M + (1-\beta_1)\, g_{comb}, \quad
+              \theta \leftarrow \theta - \eta^* \gamma \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+              \operatorname{unrot}\big(M / h\big), \quad \theta \leftarrow \theta(1-\gamma\lambda)
+       \end{aligned}
+
+    (:mod:`mlfop.functional.fop` has the definitions of :math:`s, D, E`.) The rest is SOAP's
+    step, shared with :class:`mlfop.SOAP`: same refresh, same first call. :math:`h` is the
+    denominator of this very step's SOAP update (the design's :math:`\sqrt{\hat V} + \epsilon`
+    up to a constant factor, which every FOP ratio ignores).
+
+    Levels of the variance correction (``levels``, any subset, for ablation):
+
+    - ``"layer"``: each block with two or more dimensions gets its own :math:`\beta` and
+      :math:`\eta^*`;
+    - ``"global"``: the stream weights follow ``stream_weights``, and one global
+      :math:`\beta_G` (the solve of :math:`\sum D`, :math:`\sum E` over all blocks) serves the
+      blocks without a layer estimate (1-D/0-D parameters, or all blocks when ``"layer"`` is
+      off). Off: the natural weights :math:`w_k = a_k` and no global :math:`\beta`;
+    - ``"head"``: per attention head (needs head layouts; not applied by this release).
+
+    With no level, the step is SOAP on the accumulated gradient with curvature statistics taken
+    from the streams. A step with no fold, or with a single stream folded, is plain SOAP on
+    ``p.grad``, bit for bit.
+
+    Stream weights (``stream_weights``): ``"tokens"`` (natural: each stream's share of loss
+    tokens, or of micro-batches without token counts; then :math:`\bar g` is exactly the
+    accumulated gradient), ``"fixed"`` (equal), a mapping ``{name: weight}``, or
+    ``"balanced"``: :math:`w_k \propto \mathrm{EMA}(\lVert g_k\rVert_{H^{-1}})^{-\alpha}`, so a
+    modality with much larger gradients cannot drown the others (weights from the EMA of
+    previous steps; equal on the first).
+    """
+
+    __doc__ = (__doc__ or "") + _SOAP_ARGS_DOC + r"""
+        streams (Sequence[str] or None): names of the K >= 2 gradient streams, e.g.
+            ``("image", "text")``; ``None`` folds untagged micro-batches alternately into two
+            sub-batch streams (FOP's large-batch setting) (default: ("image", "text")).
+        stream_weights (str or Mapping[str, float]): ``"tokens"``, ``"fixed"``, ``"balanced"``
+            or ``{name: weight >= 0}`` (default: "tokens").
+        levels (Iterable[str]): enabled levels, a subset of ``("global", "layer", "head")``
+            (default: all).
+        beta_max (float): clip of each correction coefficient (default: 1.0, see
+            :class:`mlfop.optim.config.FOPConfig` for every FOP default's reason).
+        eta_range (Tuple[float, float]): clip of the step scale :math:`\eta^*` (default: (1/3, 1)).
+        eps_fop (float): added to :math:`\langle\bar g, \bar g\rangle_H` (default: 1e-30).
+        balance_alpha (float): strength :math:`\alpha \in [0, 1]` of ``"balanced"`` (default: 0.5).
+        balance_beta (float): EMA factor of the stream norms for ``"balanced"`` (default: 0.9).
+        process_group: group whose ranks fold data-parallel shares of the batch; ``None`` uses
+            the world group when ``torch.distributed`` runs with several ranks (default: None).
+"""
+
+    config_class = FOPConfig
+    _pickled_attributes = SOAP._pickled_attributes + (
+        "streams",
+        "stream_weights",
+        "levels",
+        "balance_alpha",
+        "balance_beta",
+        "process_group",
+        "stream_norm_ema",
+        "_folds",
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        streams: Iterable[str] | None = ("image", "text"),
+        *,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.95, 0.95),
+        shampoo_beta: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        precondition_frequency: int = 10,
+        max_precond_dim: int = 10000,
+        merge_dims: bool = False,
+        precondition_1d: bool = False,
+        normalize_grads: bool = False,
+        correct_bias: bool = True,
+        maximize: bool = False,
+        nonfinite: str = "skip",
+        stream_weights: str | Mapping[str, float] = "tokens",
+        levels: Iterable[str] = LEVELS,
+        beta_max: float = 1.0,
+        eta_range: tuple[float, float] = (1.0 / 3.0, 1.0),
+        eps_fop: float = 1e-30,
+        balance_alpha: float = 0.5,
+        balance_beta: float = 0.9,
+        process_group: Any = None,
+    ) -> None:
+        self.streams = _check_streams(streams)
+        self.stream_weights = _check_weights(stream_weights, self.streams)
+        self.levels = _check_levels(levels)
+        for name, value, high in (("balance_alpha", balance_alpha, 1.0), ("balance_beta", balance_beta, 1.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
+                raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
+        if balance_beta == 1.0:
+            raise ValueError("balance_beta must be below 1 (an EMA factor of 1 never updates the norms)")
+        self.balance_alpha = float(balance_alpha)
+        self.balance_beta = float(balance_beta)
+        self.process_group = process_group
+        self.stream_norm_ema: dict[str, float] = {}
+        self._folds = StreamFolds(self.streams)
+        config = FOPConfig(
+            lr=lr,
+            betas=betas,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            weight_decay=weight_decay,
+            precondition_frequency=precondition_frequency,
+            max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            correct_bias=correct_bias,
+            maximize=maximize,
+            nonfinite=nonfinite,
+            beta_max=beta_max,
+            eta_range=eta_range,
+            eps_fop=eps_fop,
+        )
+        self._init_from_config(params, config)
+
+    # ------------------------------------------------------------------------- folding
+    def fold(self, stream: str | None = None, tokens: float | Tensor | None = None) -> None:
+        """Record what this micro-batch's backward added to ``p.grad`` as stream ``stream``.
+
+        Call it after each micro-batch's ``backward()``; ``tokens`` is the micro-batch's number
+        of loss tokens (give it for every fold of a step or for none). ``p.grad`` is left as is.
+        """
+        if self._folds.reduced:
+            raise RuntimeError(
+                "the last step() was refused after its folds were reduced across ranks; call "
+                "zero_grad() and redo the accumulation before folding again"
+            )
+        params = [p for group in self.param_groups for p in group["params"]]
+        self._folds.fold(stream, params, tokens)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients and this step's folds (a new accumulation starts)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._folds.reset()
+
+    def fold_buffer_bytes(self) -> int:
+        """Bytes currently held by the stream buffers (at most K gradient-sized per parameter)."""
+        return self._folds.buffer_bytes()
+
+    # ---------------------------------------------------------------------- state dict
+    def _global_state(self) -> dict[str, Any]:
+        return {**super()._global_state(), "stream_norm_ema": dict(self.stream_norm_ema)}
+
+    def _load_global_state(self, global_state: dict[str, Any]) -> None:
+        super()._load_global_state(global_state)
+        self.stream_norm_ema = {str(k): float(v) for k, v in global_state.get("stream_norm_ema", {}).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """As :class:`SOAP`; refused in the middle of an accumulation (after a fold, before the step)."""
+        self._refuse_mid_accumulation("state_dict()")
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As :class:`SOAP`; refused in the middle of an accumulation."""
+        self._refuse_mid_accumulation("load_state_dict()")
+        super().load_state_dict(state_dict)
+
+    def _refuse_mid_accumulation(self, what: str) -> None:
+        if self._folds.active:
+            raise RuntimeError(
+                f"{what} was called between fold() and step(): the folded stream sums and p.grad "
+                f"are not part of a checkpoint. Save after step() (or call zero_grad() first)."
+            )
+
+    # ---------------------------------------------------------------------------- step
+    def _step_gradients(self) -> None:
+        folds = self._folds
+        if not folds.active:
+            super()._step_gradients()
+            return
+        work = self._gradients()
+        if not self._gradients_are_finite(work):
+            return
+        group = self.process_group if self.process_group is not None else default_process_group()
+        with_buffers = [param for _, param, _ in work if param in folds.buffers]
+        if group is not None and not folds.reduced:
+            all_reduce_folds(folds, with_buffers, group)
+            folds.reduced = True
+        present = folds.present()
+        if len(present) == 1:
+            self._update_params(work)
+        else:
+            scale = self._rescale_factor(work, present, group)
+            self._combined_step(work, present, scale)
+        folds.reset()
+
+    def _rescale_factor(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], group) -> float:
+        """The global factor c with ``p.grad = c * sum_k S_k`` (clipping, unscaling); else an error."""
+        buffers = self._folds.buffers
+        grad_sq = sums_sq = streams_sq = 0.0
+        for _, param, _ in work:
+            grad_sq += float(param.grad.double().square().sum())
+            if param in buffers:
+                chosen = self._folds.present_sums(param, present)
+                sums_sq += float(chosen.sum(0).double().square().sum())
+                streams_sq += float(chosen.double().square().sum())
+        scale = math.sqrt(grad_sq / sums_sq) if sums_sq > 0.0 else 1.0
+        if abs(scale - 1.0) <= 1e-6:
+            scale = 1.0
+        residual_sq = 0.0
+        for _, param, _ in work:
+            total = self._folds.present_sums(param, present).sum(0) if param in buffers else 0.0
+            residual_sq += float((param.grad - scale * total).double().square().sum())
+        tolerance = _RESCALE_RTOL * (math.sqrt(grad_sq) + scale * len(present) * math.sqrt(streams_sq))
+        mismatch = math.sqrt(residual_sq) > tolerance
+        if group is not None:
+            flag = torch.tensor([float(mismatch)], dtype=torch.float64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+            mismatch = bool(flag.item() > 0)
+        if mismatch:
+            raise ValueError(
+                "p.grad no longer matches the folded streams beyond a global scale (relative "
+                f"residual {math.sqrt(residual_sq) / max(math.sqrt(grad_sq), 1e-300):.3g}): fold() after "
+                "every micro-batch's backward, change p.grad after the last fold only by a global "
+                "factor (clip_grad_norm_, GradScaler.unscale_), and under DDP let the last "
+                "micro-batch sync (no_sync() on the others only). No parameter or state was changed."
+            )
+        return scale
+
+    def _stream_weights(self, present: list[int], shares: list[float]) -> Tensor:
+        """Weights ``w`` of the present streams for this step (sum 1, float64)."""
+        mode = self.stream_weights
+        natural = torch.tensor(shares, dtype=torch.float64)
+        if "global" not in self.levels or mode == "tokens":
+            return natural
+        names = [self.streams[k] for k in present]
+        if mode == "fixed":
+            weights = torch.ones(len(present), dtype=torch.float64)
+        elif mode == "balanced":
+            if not all(name in self.stream_norm_ema for name in names):
+                weights = torch.ones(len(present), dtype=torch.float64)
+            else:
+                norms = torch.tensor([self.stream_norm_ema[name] for name in names], dtype=torch.float64)
+                weights = norms.clamp_min(1e-30).pow(-self.balance_alpha)
+        else:
+            weights = torch.tensor([float(mode[name]) for name in names], dtype=torch.float64)
+        total = float(weights.sum())
+        return weights / total if total > 0.0 else natural
+
+    def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], scale: float) -> None:
+        """Pass 1: statistics and layer-level betas; pass 2: blocks that take the global beta."""
+        folds = self._folds
+        shares = folds.shares(present)
+        weights = self._stream_weights(present, shares)
+        use_layer, use_global = "layer" in self.levels, "global" in self.levels
+        deferred: list[_Block] = []
+        d_global = torch.zeros(len(present), dtype=torch.float64)
+        e_global = torch.zeros(len(present), len(present), dtype=torch.float64)
+        norms_sq = torch.zeros(len(present), dtype=torch.float64)
+        for config, param, _ in work:
+            block = self._prepare_block(config, param, present, shares, scale, weights)
+            if block is None:
+                continue
+            norms_sq += torch.diagonal(block.system.gram_hinv)
+            if use_global:
+                d_global += block.system.d
+                e_global += block.system.e
+            if use_layer and param.dim() >= 2:
+                beta = solve_beta(block.system.d, block.system.e, weights, config.beta_max)
+                self._finish_block(block, weights, beta)
+            else:
+                deferred.append(block)
+        for block in deferred:
+            if use_global:
+                beta = solve_beta(d_global, e_global, weights, block.config.beta_max)
+            else:
+                beta = torch.zeros(len(present), dtype=torch.float64)
+            self._finish_block(block, weights, beta)
+        self._update_stream_norms(present, norms_sq)
+
+    def _prepare_block(
+        self,
+        config: FOPConfig,
+        param: Tensor,
+        present: list[int],
+        shares: list[float],
+        scale: float,
+        weights: Tensor,
+    ) -> _Block | None:
+        """Stream gradients of one parameter, rotated, with their Gram matrices (or first-call init)."""
+        block_shape, preconditioned = layout = self._layout(config, param)
+        sign = -1.0 if config.maximize else 1.0
+        coef = torch.tensor([sign * scale / a for a in shares], dtype=torch.float64)
+        dtype = torch.promote_types(param.dtype, torch.float32)
+        if param in self._folds.buffers:
+            sums = self._folds.present_sums(param, present)
+        else:  # a parameter whose gradient is all zero (the rescale test checked it)
+            sums = torch.zeros((len(present), *param.shape), dtype=dtype, device=param.device)
+        coef = coef.to(dtype=dtype, device=param.device).view(-1, *[1] * len(block_shape))
+        streams = sums.reshape((len(present), *block_shape)) * coef
+        state = self.state[param]
+        if not state:
+            self._init_state(config, param, layout, _weighted_statistics(streams, weights, preconditioned))
+            return None
+        exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
+        rotated = rotate(streams, bases)
+        w = weights.to(dtype=dtype, device=param.device)
+        second_moment = torch.tensordot(w, rotated.square(), dims=1)
+        h = exp_avg_sq.lerp(second_moment, 1.0 - config.betas[1]).sqrt_().add_(config.eps)
+        gram_h, gram_hinv = stream_gram_matrices(rotated, h)
+        system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
+        return _Block(config, param, streams, rotated, second_moment, system)
+
+    def _finish_block(self, block: _Block, weights: Tensor, beta: Tensor) -> None:
+        """Combine the streams with ``beta`` and take SOAP's step with the combined gradient."""
+        layout = self._layout(block.config, block.param)
+        if bool((beta == 0).all()):
+            coefficients, eta = block.system.weights, 1.0
+        else:
+            coefficients = combination_coefficients(block.system, beta)
+            eta = step_scale(block.system, coefficients, block.config.eta_range)
+        self._real_step(
+            block.config,
+            block.param,
+            self.state[block.param],
+            layout,
+            momentum_input=combine(block.rotated, coefficients),
+            second_moment_input=block.second_moment,
+            factor_statistics=_weighted_statistics(block.streams, weights, layout[1]),
+            update_scale=eta,
+        )
+
+    def _update_stream_norms(self, present: list[int], norms_sq: Tensor) -> None:
+        """EMA of each stream's global norm under the inverse metric (for ``"balanced"``)."""
+        for k, norm_sq in zip(present, norms_sq.tolist()):
+            name, norm = self.streams[k], math.sqrt(max(norm_sq, 0.0))
+            previous = self.stream_norm_ema.get(name)
+            self.stream_norm_ema[name] = norm if previous is None else (
+                self.balance_beta * previous + (1.0 - self.balance_beta) * norm
+            )
+
+
+def _weighted_statistics(streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...]) -> list[Tensor | None]:
+    r""":math:`\sum_k w_k G_{k(i)} G_{k(i)}^\top` for every rotated dimension."""
+    root = weights.sqrt().to(dtype=streams.dtype, device=streams.device)
+    return kronecker_statistics(streams * root.view(-1, *[1] * (streams.dim() - 1)), preconditioned)
+
+
+def _check_streams(streams: Iterable[str] | None) -> tuple[str, ...]:
+    if streams is None:
+        return UNTAGGED_STREAMS
+    if isinstance(streams, str):
+        raise TypeError(f"streams must be a sequence of names such as ('image', 'text'), got the string {streams!r}")
+    names = tuple(streams)
+    if not all(isinstance(name, str) and name for name in names):
+        raise TypeError(f"streams must be non-empty strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"streams must be distinct, got duplicates in {names!r}")
+    if len(names) < 2:
+        raise ValueError(
+            f"streams needs at least 2 names (got {names!r}); with a single stream use mlfop.SOAP, "
+            f"or streams=None to split untagged micro-batches into two sub-batch streams"
+        )
+    return names
+
+
+def _check_weights(weights: str | Mapping[str, float], streams: tuple[str, ...]) -> str | dict[str, float]:
+    if isinstance(weights, str):
+        if weights not in WEIGHT_MODES:
+            raise ValueError(f"stream_weights must be one of {WEIGHT_MODES} or a {{stream: weight}} mapping, got {weights!r}")
+        return weights
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"stream_weights must be one of {WEIGHT_MODES} or a mapping, got {type(weights).__name__}")
+    missing = [name for name in streams if name not in weights]
+    unknown = [name for name in weights if name not in streams]
+    if missing or unknown:
+        raise ValueError(
+            f"stream_weights must give a weight for every stream {list(streams)} and no other: "
+            f"missing {missing}, unknown {unknown}"
+        )
+    values = {}
+    for name in streams:
+        value = weights[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
+            raise ValueError(f"stream_weights[{name!r}] must be a finite number >= 0, got {value!r}")
+        values[name] = float(value)
+    if sum(values.values()) <= 0.0:
+        raise ValueError("stream_weights must not all be zero")
+    return values
+
+
+def _check_levels(levels: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(levels, str):
+        raise TypeError(f"levels must be a collection such as ('global', 'layer'), got the string {levels!r}")
+    chosen = tuple(levels)
+    unknown = [level for level in chosen if level not in LEVELS]
+    if unknown:
+        raise ValueError(f"levels must be a subset of {LEVELS}, got unknown {unknown}")
+    return tuple(level for level in LEVELS if level in chosen)
