@@ -92,8 +92,12 @@ def test_matches_pytorch_optimizer_with_merged_and_oversized_dims():
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
     run(ours, mlfop.SOAP(ours.parameters(), lr=1e-2, eps=1e-6, max_precond_dim=16, merge_dims=True))
     run(ref, ReferenceSOAP(ref.parameters(), lr=1e-2, eps=1e-6, max_precondition_dim=16, merge_dims=True))
+    # Not square, so some directions are near-degenerate and the two float32 orderings drift
+    # further: measured 1.3e-4 with one thread (below 1e-5 with two), while real algorithmic
+    # slips measured 0.14 (no permutation of V at a refresh) and 0.12 (bias correction one step
+    # off). 1e-3 separates the two by two orders of magnitude each way.
     gap = _relative_gap(ours, ref, start)
-    assert gap < PARITY_RTOL, gap
+    assert gap < 1e-3, gap
 
 
 def test_without_rotation_equals_adam_from_the_second_call():

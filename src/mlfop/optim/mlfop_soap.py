@@ -24,7 +24,7 @@ from mlfop.functional.fop import (
 )
 from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.optim.config import FOPConfig
-from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _block_tensors
+from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _awaits_first_call, _block_tensors
 
 __all__ = ["MLFOPSOAP", "LEVELS", "WEIGHT_MODES"]
 
@@ -210,6 +210,30 @@ class MLFOPSOAP(SOAP):
         super().zero_grad(set_to_none=set_to_none)
         self._folds.reset()
 
+    def current_stream_gradients(self) -> dict[str, list[Tensor | None]]:
+        """This rank's stream gradients ``g_k = S_k / a_k`` of the pending folds, per parameter.
+
+        In the loop's own loss normalisation, before any rescale of ``p.grad`` and before the
+        cross-rank reduction; ``None`` for a parameter that got no gradient.
+        """
+        present = self._folds.present()
+        shares = self._folds.shares(present) if present else []
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {
+            self.streams[k]: [
+                self._folds.buffers[p][k] / share if p in self._folds.buffers else None for p in params
+            ]
+            for k, share in zip(present, shares)
+        }
+
+    def current_stream_weights(self) -> dict[str, float]:
+        """The weights ``w_k`` the next ``step()`` would give the streams folded so far."""
+        present = self._folds.present()
+        if not present:
+            return {}
+        weights = self._stream_weights(present, self._folds.shares(present))
+        return {self.streams[k]: float(w) for k, w in zip(present, weights)}
+
     def fold_buffer_bytes(self) -> int:
         """Bytes currently held by the stream buffers (at most K gradient-sized per parameter)."""
         return self._folds.buffer_bytes()
@@ -366,8 +390,9 @@ class MLFOPSOAP(SOAP):
         coef = coef.to(dtype=dtype, device=param.device).view(-1, *[1] * len(block_shape))
         streams = sums.reshape((len(present), *block_shape)) * coef
         state = self.state[param]
-        if not state:
-            self._init_state(config, param, layout, _weighted_statistics(streams, weights, preconditioned))
+        if _awaits_first_call(state):
+            statistics = _weighted_statistics(streams, weights, preconditioned)
+            self._init_state(config, param, layout, statistics, bool(streams.any()))
             return None
         exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
         rotated = rotate(streams, bases)

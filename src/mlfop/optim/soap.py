@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterable
 from itertools import chain
@@ -288,7 +289,7 @@ class SOAP(torch.optim.Optimizer):
             f"{type(self).__name__} skipped a step: {where}; parameters and state are unchanged "
             f"({self.skipped_steps} step(s) skipped so far). Pass nonfinite='raise' to raise instead.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_stacklevel(),
         )
         return False
 
@@ -298,8 +299,8 @@ class SOAP(torch.optim.Optimizer):
         # Contiguous first, so that a channels_last or strided gradient takes the same steps.
         block = grad.to(dtype=_state_dtype(param), memory_format=torch.contiguous_format).view(layout[0])
         state = self.state[param]
-        if not state:
-            self._init_state(config, param, layout, kronecker_statistics(block, layout[1]))
+        if _awaits_first_call(state):
+            self._init_state(config, param, layout, kronecker_statistics(block, layout[1]), bool(block.any()))
             return
         rotated = rotate(block, _block_tensors(state, layout)[3])
         self._real_step(
@@ -365,12 +366,18 @@ class SOAP(torch.optim.Optimizer):
         param: Tensor,
         layout: tuple[tuple[int, ...], tuple[bool, ...]],
         factor_statistics: list[Tensor | None],
+        informative: bool,
     ) -> None:
-        """First call: zero moments, factors from this step's statistics, first bases by ``eigh``."""
+        """First call: zero moments, factors from this step's statistics, first bases by ``eigh``.
+
+        An all-zero gradient (``informative=False``, e.g. the zero step that
+        ``torch.distributed.checkpoint`` takes on a fresh optimizer) allocates the state with
+        ``step = -1``, so that the next call initialises again, as if this one never happened.
+        """
         block_shape, preconditioned = layout
         state = self.state[param]
         dtype = _state_dtype(param)
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["step"] = torch.tensor(0.0 if informative else -1.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
         state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
         factors: list[Tensor | None] = [
@@ -387,6 +394,23 @@ class SOAP(torch.optim.Optimizer):
                 basis = torch.eye(factor.shape[0], dtype=dtype, device=param.device)
             state[f"factor_{i}"] = factor
             state[f"basis_{i}"] = basis
+
+
+def _caller_stacklevel() -> int:
+    """``stacklevel`` for a warning raised in here that points at the first frame outside
+    mlfop and torch (the user's ``optimizer.step()`` or ``scaler.step(optimizer)``)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if not (module.startswith(("mlfop.", "torch.")) or module in ("mlfop", "torch", "contextlib")):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
+
+
+def _awaits_first_call(state: dict[str, Any]) -> bool:
+    """No state yet, or only the placeholder left by an all-zero first gradient."""
+    return not state or float(state["step"]) < 0
 
 
 def _state_dtype(param: Tensor) -> torch.dtype:
