@@ -1,7 +1,9 @@
-"""Step-time benchmark: ``mlfop.SOAP`` side by side with AdamW and other SOAP implementations.
+"""Step-time benchmark: ``mlfop.SOAP`` and ``mlfop.MLFOPSOAP`` beside AdamW and other SOAPs.
 
 Every contender trains its own deep copy of the same small GPT-style decoder on the same random
-token batches. The contenders run **interleaved step by step in one process**, and the order is
+token batches, each global batch accumulated from ``--micro-batches`` micro-batches. The
+ML-FOP-SOAP contenders fold every micro-batch into one of 2 (``mlfop_fop_k2``) or 3
+(``mlfop_fop_k3``) streams, round robin, so their forward+backward time includes the folding. The contenders run **interleaved step by step in one process**, and the order is
 rotated every round, so that noise from the (shared) machine hits all of them alike.
 
 Per train step we time, with ``time.perf_counter`` (wall) and ``time.process_time`` (CPU time of
@@ -39,14 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop")
+CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2", "mlfop_fop_k3")
+DEFAULT_CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2")
 LR = 3e-3
 BETAS = (0.95, 0.95)
 WEIGHT_DECAY = 0.01
 MAX_PRECOND_DIM = 10000
 HEAVYBALL_SHAMPOO_BETA = 0.95  # heavyball needs an explicit value; the others use beta2 = 0.95
 QUICK = {"d_model": 64, "layers": 2, "heads": 4, "vocab": 128, "seq": 16, "batch": 8,
-         "warmup": 12, "steps": 4, "precondition_frequency": 4}
+         "micro_batches": 2, "warmup": 12, "steps": 4, "precondition_frequency": 4}
+STREAMS = ("image", "text", "text_only")
 OFFICIAL_REFRESH_RULE = "refresh = calls k > 1 with (k - 1) % f == 0"
 
 
@@ -121,6 +125,7 @@ class Contender:
     frequency: int | None  # precondition frequency; None for AdamW
     refresh_rule: str
     is_refresh: Callable[[int], bool]  # asked right after call k (1-based) returned
+    streams: tuple[str, ...] = ()  # fold micro-batch i into streams[i % K] (ML-FOP-SOAP only)
     calls: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -169,24 +174,36 @@ def build_heavyball(model: nn.Module, args: argparse.Namespace) -> Contender:
                      lambda k: bool(opt._is_preconditioning))
 
 
-def build_mlfop(model: nn.Module, args: argparse.Namespace) -> Contender:
-    """``mlfop.SOAP`` through the package's public API."""
-    import mlfop
+def build_mlfop(streams: int) -> Callable[[nn.Module, argparse.Namespace], Contender]:
+    """``mlfop.SOAP`` (``streams=0``) or ``mlfop.MLFOPSOAP`` folding into ``streams`` streams."""
 
-    opt = mlfop.SOAP(
-        model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
-        precondition_frequency=args.precondition_frequency,
-        max_precond_dim=MAX_PRECOND_DIM, merge_dims=False,
-    )
-    f = args.precondition_frequency
-    return Contender("mlfop", model, opt, f, OFFICIAL_REFRESH_RULE, call_index_rule(f))
+    def build(model: nn.Module, args: argparse.Namespace) -> Contender:
+        import mlfop
+
+        common = dict(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
+                      precondition_frequency=args.precondition_frequency,
+                      max_precond_dim=MAX_PRECOND_DIM, merge_dims=False)
+        if streams:
+            names = STREAMS[:streams]
+            opt = mlfop.MLFOPSOAP(model.parameters(), streams=names, **common)
+            name = f"mlfop_fop_k{streams}"
+        else:
+            names = ()
+            opt = mlfop.SOAP(model.parameters(), **common)
+            name = "mlfop_soap"
+        f = args.precondition_frequency
+        return Contender(name, model, opt, f, OFFICIAL_REFRESH_RULE, call_index_rule(f), names)
+
+    return build
 
 
 BUILDERS: dict[str, Callable[[nn.Module, argparse.Namespace], Contender]] = {
     "adamw": build_adamw,
     "pytorch_optimizer": build_pytorch_optimizer,
     "heavyball": build_heavyball,
-    "mlfop": build_mlfop,
+    "mlfop_soap": build_mlfop(0),
+    "mlfop_fop_k2": build_mlfop(2),
+    "mlfop_fop_k3": build_mlfop(3),
 }
 OPTIONAL = {"pytorch_optimizer", "heavyball"}  # skipped with a note when not installed
 
@@ -210,14 +227,19 @@ def build_contenders(base: nn.Module, args: argparse.Namespace) -> tuple[list[Co
 # --------------------------------------------------------------------------------------------
 
 
-def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """One full train step; records wall and CPU time of forward+backward and of the step."""
+def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor], micro_batches: int) -> None:
+    """One full train step; records wall and CPU time of forward+backward (with the folds,
+    over all micro-batches) and of the optimizer step."""
     inputs, targets = batch
     wall0, cpu0 = time.perf_counter(), time.process_time()
     contender.optimizer.zero_grad(set_to_none=True)
-    logits = contender.model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    loss.backward()
+    total = 0.0
+    for i, (x, y) in enumerate(zip(inputs.chunk(micro_batches), targets.chunk(micro_batches))):
+        loss = F.cross_entropy(contender.model(x).flatten(0, 1), y.flatten()) / micro_batches
+        loss.backward()
+        if contender.streams:
+            contender.optimizer.fold(contender.streams[i % len(contender.streams)])
+        total += loss.item()
     wall1, cpu1 = time.perf_counter(), time.process_time()
     contender.optimizer.step()
     wall2, cpu2 = time.perf_counter(), time.process_time()
@@ -229,17 +251,17 @@ def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor]) -
         "step_ms": 1e3 * (wall2 - wall1),
         "fwd_bwd_cpu_ms": 1e3 * (cpu1 - cpu0),
         "step_cpu_ms": 1e3 * (cpu2 - cpu1),
-        "loss": loss.item(),
+        "loss": total,
     })
 
 
-def run_interleaved(contenders: Sequence[Contender], batches: Sequence[Any]) -> None:
+def run_interleaved(contenders: Sequence[Contender], batches: Sequence[Any], micro_batches: int) -> None:
     """Round r: every contender does train step r, starting at contender r mod n."""
     n = len(contenders)
     for round_index, batch in enumerate(batches):
         shift = round_index % n
         for contender in [*contenders[shift:], *contenders[:shift]]:
-            train_step(contender, batch)
+            train_step(contender, batch, micro_batches)
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -341,16 +363,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Interleaved step-time benchmark of mlfop.SOAP against AdamW, "
                     "pytorch_optimizer.SOAP and heavyball.SOAP on a small GPT (CPU).")
-    parser.add_argument("--optimizers", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
-                        help="contenders to run (default: all; heavyball is skipped if missing)")
-    parser.add_argument("--baseline", choices=CONTENDERS, default="mlfop",
-                        help="contender the ratio columns divide by (default: mlfop)")
+    parser.add_argument("--optimizers", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
+                        help="contenders to run (default: all but mlfop_fop_k3; heavyball is "
+                             "skipped if missing)")
+    parser.add_argument("--baseline", choices=CONTENDERS, default="mlfop_soap",
+                        help="contender the ratio columns divide by (default: mlfop_soap)")
     parser.add_argument("--d-model", type=int, help="model width (default 256)")
     parser.add_argument("--layers", type=int, help="transformer blocks (default 4)")
     parser.add_argument("--heads", type=int, help="attention heads (default 4)")
     parser.add_argument("--vocab", type=int, help="vocabulary size (default 1024)")
     parser.add_argument("--seq", type=int, help="sequence length (default 64)")
-    parser.add_argument("--batch", type=int, help="batch size (default 32)")
+    parser.add_argument("--batch", type=int, help="global batch size (default 32)")
+    parser.add_argument("--micro-batches", type=int,
+                        help="micro-batches accumulated per step, must divide --batch (default 4)")
     parser.add_argument("--warmup", type=int,
                         help="warm-up calls left out of the summary, must include a refresh (default 12)")
     parser.add_argument("--steps", type=int,
@@ -363,12 +388,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep heavyball's per-op torch.compile (minutes of compiling on CPU)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model for smoke tests: d 64, 2 layers, vocab 128, seq 16, "
-                             "batch 8, warmup 12, steps 4, precondition frequency 4")
+                             "batch 8 in 2 micro-batches, warmup 12, steps 4, precondition frequency 4")
     parser.add_argument("--json", type=Path, help="write raw per-call timings and the summary here")
     args = parser.parse_args(argv)
 
     defaults = {"d_model": 256, "layers": 4, "heads": 4, "vocab": 1024, "seq": 64, "batch": 32,
-                "warmup": 12, "steps": 20, "precondition_frequency": 10}
+                "micro_batches": 4, "warmup": 12, "steps": 20, "precondition_frequency": 10}
     for key, value in (QUICK if args.quick else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -382,6 +407,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--steps {args.steps} must be at least f = {f} (a refresh in the window)")
     if args.d_model % args.heads:
         parser.error("--d-model must be divisible by --heads")
+    if args.micro_batches < 1 or args.batch % args.micro_batches:
+        parser.error(f"--micro-batches {args.micro_batches} must be >= 1 and divide --batch {args.batch}")
     args.optimizers = list(dict.fromkeys(args.optimizers))
     return args
 
@@ -407,7 +434,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     base = GPT(args.vocab, args.seq, args.d_model, args.layers, args.heads)
     n_params = sum(p.numel() for p in base.parameters())
     print(f"model: {n_params:,} parameters (d={args.d_model}, layers={args.layers}, "
-          f"heads={args.heads}, vocab={args.vocab}, seq={args.seq}, batch={args.batch})",
+          f"heads={args.heads}, vocab={args.vocab}, seq={args.seq}, batch={args.batch} "
+          f"in {args.micro_batches} micro-batches)",
           flush=True)
 
     contenders, notes = build_contenders(base, args)
@@ -421,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"running {', '.join(names)}: {args.warmup} warm-up + {args.steps} measured calls, "
           "interleaved", flush=True)
 
-    run_interleaved(contenders, make_batches(args, args.warmup + args.steps))
+    run_interleaved(contenders, make_batches(args, args.warmup + args.steps), args.micro_batches)
     summary = [summarise(c, args.warmup) for c in contenders]
     add_ratios(summary, baseline)
 

@@ -279,6 +279,8 @@ class MLFOPSOAP(SOAP):
             folds.reduced = True
         present = folds.present()
         if len(present) == 1:
+            if group is not None:  # p.grad must be the ranks' average (DDP synced), else ranks diverge
+                self._rescale_factor(work, present, group)
             self._update_params(work)
         else:
             scale = self._rescale_factor(work, present, group)
@@ -287,21 +289,22 @@ class MLFOPSOAP(SOAP):
 
     def _rescale_factor(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], group) -> float:
         """The global factor c with ``p.grad = c * sum_k S_k`` (clipping, unscaling); else an error."""
-        buffers = self._folds.buffers
-        grad_sq = sums_sq = streams_sq = 0.0
-        for _, param, _ in work:
-            grad_sq += float(param.grad.double().square().sum())
-            if param in buffers:
-                chosen = self._folds.present_sums(param, present)
-                sums_sq += float(chosen.sum(0).double().square().sum())
-                streams_sq += float(chosen.double().square().sum())
+        folded = [param for _, param, _ in work if param in self._folds.buffers]
+
+        def total(param: Tensor) -> Tensor:  # recomputed, so no second model-sized copy is kept
+            return self._folds.present_sums(param, present).sum(0)
+
+        grad_sq = sum(float(torch.linalg.vector_norm(param.grad)) ** 2 for _, param, _ in work)
+        sums_sq = sum(float(torch.linalg.vector_norm(total(param))) ** 2 for param in folded)
+        streams_sq = sum(float(torch.linalg.vector_norm(self._folds.present_sums(param, present))) ** 2 for param in folded)
         scale = math.sqrt(grad_sq / sums_sq) if sums_sq > 0.0 else 1.0
         if abs(scale - 1.0) <= 1e-6:
             scale = 1.0
-        residual_sq = 0.0
-        for _, param, _ in work:
-            total = self._folds.present_sums(param, present).sum(0) if param in buffers else 0.0
-            residual_sq += float((param.grad - scale * total).double().square().sum())
+        residual_sq = sum(
+            float(torch.linalg.vector_norm(param.grad - scale * total(param) if param in self._folds.buffers else param.grad))
+            ** 2
+            for _, param, _ in work
+        )
         tolerance = _RESCALE_RTOL * (math.sqrt(grad_sq) + scale * len(present) * math.sqrt(streams_sq))
         mismatch = math.sqrt(residual_sq) > tolerance
         if group is not None:
