@@ -31,7 +31,8 @@ def default_process_group():
 def _descriptor(folds: StreamFolds, params: list[Tensor]) -> Tensor:
     numel = sum(folds.buffers[p][0].numel() for p in params)
     given = -1.0 if folds.tokens_given is None else float(folds.tokens_given)
-    values = [float(len(params)), float(numel), given, *map(float, folds.micro_batches), *folds.tokens]
+    values = [float(len(params)), float(numel), given, float(folds.last_stream),
+              *map(float, folds.micro_batches), *map(float, folds.norm_counts), *folds.tokens]
     return torch.tensor(values, dtype=torch.float64)
 
 
@@ -46,18 +47,21 @@ def all_reduce_folds(folds: StreamFolds, params: list[Tensor], group) -> None:
     gathered = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(gathered, local, group=group)
     table = torch.stack(gathered)
-    agree = table[:, : 3 + k]
+    agree = table[:, : 4 + k]
     if not bool((agree == agree[0]).all()):
         rows = "; ".join(
             f"rank {r}: {int(row[0])} parameters, micro-batches "
-            + ", ".join(f"{name}={int(n)}" for name, n in zip(folds.names, row[3 : 3 + k].tolist()))
+            + ", ".join(f"{name}={int(n)}" for name, n in zip(folds.names, row[4 : 4 + k].tolist()))
+            + f", last {folds.names[int(row[3])] if row[3] >= 0 else None}"
             for r, row in enumerate(agree)
         )
         raise ValueError(
             "ranks folded different streams before step() (" + rows + "); every rank must fold the "
-            "same number of micro-batches of each stream, with tokens given on all ranks or none"
+            "same number of micro-batches of each stream, end with a micro-batch of the same stream "
+            "(the one DDP syncs), and give tokens on all ranks or none"
         )
-    folds.tokens = table[:, 3 + k :].sum(dim=0).tolist()
+    folds.norm_counts = table[:, 4 + k : 4 + 2 * k].sum(dim=0).long().tolist()
+    folds.tokens = table[:, 4 + 2 * k :].sum(dim=0).tolist()
     for stream in folds.present():
         flat = torch.cat([folds.buffers[p][stream].reshape(-1) for p in params])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -65,6 +69,18 @@ def all_reduce_folds(folds: StreamFolds, params: list[Tensor], group) -> None:
         offset = 0
         for p in params:
             view = folds.buffers[p][stream]
+            view.copy_(flat[offset : offset + view.numel()].view_as(view))
+            offset += view.numel()
+    if folds.track_norms:
+        for p in params:  # a parameter seen only by a dropped (synced) fold has no sums yet
+            groups = folds.head_layouts[p][0] if p in folds.head_layouts else 1
+            folds.micro_sq.setdefault(p, torch.zeros(k, groups, dtype=torch.float64))
+        flat = torch.cat([folds.micro_sq[p].reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat.div_(world * world)  # each rank's micro-gradients are 1/world of the averaged total's
+        offset = 0
+        for p in params:
+            view = folds.micro_sq[p]
             view.copy_(flat[offset : offset + view.numel()].view_as(view))
             offset += view.numel()
     folds.micro_batches = [n * world for n in folds.micro_batches]

@@ -28,22 +28,37 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from mlfop.functional.heads import split_heads
+
 __all__ = ["StreamFolds", "UNTAGGED_STREAMS"]
 
 UNTAGGED_STREAMS = ("even", "odd")
 
 
 class StreamFolds:
-    """The folds of one optimizer step: stacked stream sums and per-stream counts."""
+    """The folds of one optimizer step: stacked stream sums and per-stream counts.
 
-    def __init__(self, names: tuple[str, ...]) -> None:
+    With ``track_norms`` each fold also keeps, per parameter and stream, the sum of squared
+    norms of the folded micro-gradients (level 0 of the hierarchy: scalars only), per head for
+    the parameters in ``head_layouts``: the input of the noise estimate at the step.
+    """
+
+    def __init__(
+        self, names: tuple[str, ...], track_norms: bool = False, head_layouts: dict[Tensor, tuple[int, int]] | None = None
+    ) -> None:
         self.names = names
         self.index = {name: k for k, name in enumerate(names)}
+        self.track_norms = track_norms
+        self.head_layouts = head_layouts or {}
         self.reset()
 
     def reset(self) -> None:
         """Forget this step's folds (after ``step()`` or ``zero_grad()``)."""
         self.buffers: dict[Tensor, Tensor] = {}
+        self.micro_sq: dict[Tensor, Tensor] = {}  # (K, heads or 1) float64 sums of |micro|^2
+        self.norm_counts = [0] * len(self.names)  # micro-batches whose norms are in micro_sq
+        self._last_norms: dict[Tensor, Tensor] = {}  # the latest fold's, not yet in micro_sq
+        self.last_stream = -1
         self.micro_batches = [0] * len(self.names)
         self.tokens = [0.0] * len(self.names)
         self.tokens_given: bool | None = None
@@ -88,8 +103,11 @@ class StreamFolds:
         for param in with_grad:
             if param.grad.layout != torch.strided:
                 raise TypeError("fold() does not support sparse gradients; use dense ones")
+        self.commit_last_norms()
+        for param in with_grad:
             self._fold_param(param, k)
         self.micro_batches[k] += 1
+        self.last_stream = k
         self.tokens_given = token_count is not None
         if token_count is not None:
             self.tokens[k] += token_count
@@ -100,10 +118,39 @@ class StreamFolds:
             dtype = torch.promote_types(param.dtype, torch.float32)
             buffer = torch.zeros((len(self.names), *param.shape), dtype=dtype, device=param.device)
             self.buffers[param] = buffer
+        if self.track_norms:
+            micro = param.grad - buffer.sum(0)
+            self._add_micro_norms(param, k, micro)
+            buffer[k].add_(micro)
+            return
         others = [j for j in range(len(self.names)) if j != k]
         torch.sub(param.grad, buffer[others[0]], out=buffer[k])
         for j in others[1:]:
             buffer[k].sub_(buffer[j])
+
+    def _add_micro_norms(self, param: Tensor, k: int, micro: Tensor) -> None:
+        layout = self.head_layouts.get(param)
+        if layout is None:
+            norms = micro.square().sum().reshape(1)
+        else:
+            norms = split_heads(micro, *layout).square().flatten(1).sum(1)
+        self._last_norms[param] = norms.double().cpu()
+
+    def commit_last_norms(self, keep: bool = True) -> None:
+        """Add the latest fold's micro norms to the sums (``keep``), or drop them.
+
+        Under DDP the last micro-batch before the step is the synced one: its "micro-gradient"
+        is the rank average minus this rank's earlier folds, not a sample, so it is dropped.
+        """
+        if self._last_norms and keep:
+            for param, norms in self._last_norms.items():
+                sums = self.micro_sq.get(param)
+                if sums is None:
+                    sums = torch.zeros(len(self.names), norms.numel(), dtype=torch.float64)
+                    self.micro_sq[param] = sums
+                sums[self.last_stream] += norms
+            self.norm_counts[self.last_stream] += 1
+        self._last_norms = {}
 
     def present(self) -> list[int]:
         """Indices of the streams folded at least once this step."""

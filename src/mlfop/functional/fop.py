@@ -53,6 +53,10 @@ __all__ = [
     "combination_coefficients",
     "step_scale",
     "combine",
+    "euclidean_gram",
+    "stream_noise",
+    "noise_shrinkage",
+    "restricted_system",
 ]
 
 
@@ -129,3 +133,74 @@ def step_scale(system: FOPSystem, coefficients: Tensor, eta_range: tuple[float, 
 def combine(rotated: Tensor, coefficients: Tensor) -> Tensor:
     """:math:`\\sum_k c_k r_k` over the leading (stream) dimension."""
     return torch.tensordot(coefficients.to(device=rotated.device, dtype=rotated.dtype), rotated, dims=1)
+
+
+def euclidean_gram(rotated: Tensor) -> Tensor:
+    """``R R^T``: plain inner products of the K stacked streams (float64, CPU).
+
+    Rotations are orthogonal, so these equal the inner products in the original basis.
+    """
+    flat = rotated.reshape(rotated.shape[0], -1)
+    return (flat @ flat.T).double().cpu()
+
+
+def stream_noise(
+    micro_sq: Tensor, sums_sq: Tensor, micro_batches: Tensor, norm_counts: Tensor, shares: Tensor, scale: float
+) -> Tensor:
+    r"""Sampling variance :math:`\sigma_k^2 = \operatorname{tr}\operatorname{Var}(g_k)` per stream (and group).
+
+    From level-0 scalars: stream :math:`k` folded :math:`n_k` micro-gradients :math:`m_i` into
+    :math:`S_k = \sum_i m_i`, and the squared norms of :math:`n'_k \le n_k` of them sum to
+    ``micro_sq`` (under DDP the synced micro-batch is not a sample and is left out). With
+    :math:`\mathbb{E}\lVert m\rVert^2 = \operatorname{Var}(m) + \lVert\mu\rVert^2` and
+    :math:`\mathbb{E}\lVert S_k/n_k\rVert^2 = \lVert\mu\rVert^2 + \operatorname{Var}(m)/n_k`:
+
+    .. math::
+        \widehat{\operatorname{Var}}(m) = \frac{n_k}{n_k - 1}
+            \Big(\frac{\sum_i \lVert m_i\rVert^2}{n'_k} - \frac{\lVert S_k\rVert^2}{n_k^2}\Big),
+        \qquad \sigma_k^2 = (c / a_k)^2\, n_k\, \widehat{\operatorname{Var}}(m)
+
+    for :math:`g_k = c\, S_k / a_k`. ``micro_sq`` and ``sums_sq`` have shape (K, G) (G groups:
+    heads, or 1); a stream without two micro-batches and one measured norm has no estimate (0).
+    """
+    n = micro_batches.to(torch.float64).view(-1, 1)
+    measured = norm_counts.to(torch.float64).view(-1, 1)
+    mean_sq = micro_sq / measured.clamp_min(1.0) - sums_sq / (n * n).clamp_min(1.0)
+    spread = mean_sq.clamp_min(0.0) * n / (n - 1.0).clamp_min(1.0)
+    sigma_sq = (scale / shares.to(torch.float64).view(-1, 1)) ** 2 * n * spread
+    valid = (n >= 2) & (measured >= 1)
+    return torch.where(valid, sigma_sq, torch.zeros_like(sigma_sq))
+
+
+def noise_shrinkage(sigma_sq: Tensor, gram_e: Tensor, weights: Tensor) -> tuple[float, float]:
+    r"""``(rho, noise_fraction)``: the factor that fades a correction made of sampling noise.
+
+    With independent noise of variance :math:`\sigma_k^2` on each stream,
+    :math:`\mathbb{E} \sum_k w_k \lVert g_k - \bar g\rVert^2 = \text{signal} + \sum_k w_k (1 - w_k) \sigma_k^2`,
+    so the noise fraction of the observed spread is
+    :math:`\nu = \sum_k w_k(1-w_k)\sigma_k^2 / \sum_k w_k \lVert g_k - \bar g\rVert^2` and
+    :math:`\rho = \max(0, 1 - \nu)`. For K = 2 and equal weights this is
+    :math:`(\sigma_1^2 + \sigma_2^2) / \lVert g_1 - g_2\rVert^2`. No spread at all gives
+    :math:`\rho = 0` (nothing to correct).
+    """
+    weights = weights.to(torch.float64)
+    spread = float(weights @ torch.diagonal(gram_e) - weights @ gram_e @ weights)
+    noise = float((weights * (1.0 - weights) * sigma_sq).sum())
+    if spread <= 0.0:
+        return 0.0, 1.0 if noise > 0.0 else 0.0
+    fraction = noise / spread
+    return max(0.0, 1.0 - fraction), fraction
+
+
+def restricted_system(system: FOPSystem, gram: Tensor) -> FOPSystem:
+    r"""The same projection (``perp``, ``s``) with ``D`` and ``E`` taken from another Gram matrix.
+
+    For a head :math:`h` of a block, ``gram[i, j]`` :math:`= \sum_{x \in h} g_i[x]\, P(g_j)[x]`
+    with :math:`P(x) = \operatorname{unrot}(\operatorname{rot}(x) / h)`, the preconditioned
+    direction restricted to the head (block-diagonal across heads): then
+    :math:`D_h = \langle \bar g, P(g^\perp)\rangle_h` and :math:`E_h = \langle g^\perp, P(g^\perp)\rangle_h`.
+    Summed over the heads that tile a block, these are the block's own ``D`` and ``E``.
+    """
+    d = system.perp.T @ gram.T @ system.weights
+    e = system.perp.T @ gram @ system.perp
+    return FOPSystem(weights=system.weights, gram_hinv=gram, perp=system.perp, s=system.s, d=d, e=e)

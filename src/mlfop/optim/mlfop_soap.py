@@ -11,20 +11,27 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from mlfop.diagnostics import DETAIL_LEVELS, conflicts, stream_record
 from mlfop.distributed import all_reduce_folds, default_process_group
 from mlfop.folding import UNTAGGED_STREAMS, StreamFolds
 from mlfop.functional.fop import (
     FOPSystem,
     combination_coefficients,
     combine,
+    euclidean_gram,
     fop_system,
+    noise_shrinkage,
+    restricted_system,
     solve_beta,
     step_scale,
     stream_gram_matrices,
+    stream_noise,
 )
-from mlfop.functional.rotation import kronecker_statistics, rotate
+from mlfop.functional.heads import head_gram, split_heads
+from mlfop.functional.rotation import kronecker_statistics, rotate, unrotate
+from mlfop.head_layouts import resolve_head_layouts
 from mlfop.optim.config import FOPConfig
-from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _awaits_first_call, _block_tensors
+from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _awaits_first_call, _block_tensors, _materialize_params
 
 __all__ = ["MLFOPSOAP", "LEVELS", "WEIGHT_MODES"]
 
@@ -40,12 +47,17 @@ _RESCALE_RTOL = 1e-5
 class _Block:
     """One parameter's work between the two passes of a step (a block awaiting its beta)."""
 
+    name: str
     config: FOPConfig
     param: Tensor
-    streams: Tensor
-    rotated: Tensor
+    streams: Tensor  # (K, *block_shape): g_k in the original basis
+    rotated: Tensor  # (K, *block_shape): rot(g_k)
+    h: Tensor  # sqrt(V_t) + eps
     second_moment: Tensor
     system: FOPSystem
+    gram_h: Tensor
+    gram_e: Tensor | None  # Euclidean Gram, when the noise shrinkage or diagnostics need it
+    sigma_sq: Tensor | None  # (K, groups) sampling variances, groups = heads or 1
 
 
 class MLFOPSOAP(SOAP):
@@ -86,7 +98,14 @@ class MLFOPSOAP(SOAP):
       :math:`\beta_G` (the solve of :math:`\sum D`, :math:`\sum E` over all blocks) serves the
       blocks without a layer estimate (1-D/0-D parameters, or all blocks when ``"layer"`` is
       off). Off: the natural weights :math:`w_k = a_k` and no global :math:`\beta`;
-    - ``"head"``: per attention head (needs head layouts; not applied by this release).
+    - ``"head"``: each attention head of a block with a head layout (``heads=``) gets its own
+      :math:`\beta_h` (block-diagonal across heads, :func:`mlfop.functional.fop.restricted_system`);
+      the combined gradient is assembled head by head in the original basis and rotated once.
+
+    The finest enabled level that applies to a block decides its :math:`\beta`. With the noise
+    shrinkage on, each :math:`\beta` is multiplied by :math:`\rho = \max(0, 1 - \nu)`, where
+    :math:`\nu` is the share of the streams' spread that their micro-batch sampling noise
+    explains (:func:`mlfop.functional.fop.noise_shrinkage`, from the level-0 squared norms).
 
     With no level, the step is SOAP on the accumulated gradient with curvature statistics taken
     from the streams. A step with no fold, or with a single stream folded, is plain SOAP on
@@ -114,6 +133,15 @@ class MLFOPSOAP(SOAP):
         eps_fop (float): added to :math:`\langle\bar g, \bar g\rangle_H` (default: 1e-30).
         balance_alpha (float): strength :math:`\alpha \in [0, 1]` of ``"balanced"`` (default: 0.5).
         balance_beta (float): EMA factor of the stream norms for ``"balanced"`` (default: 0.9).
+        heads: head layouts for the head level: a model to detect them from (Llama-style
+            q/k/v/o, grouped-query attention, fused qkv) or ``{param: (num_heads, axis)}``
+            (default: None, no head level).
+        heads_strict (bool): raise instead of warning when detection cannot read a module's
+            head counts (default: False).
+        noise_shrinkage (bool): fade corrections that the micro-batch noise explains; costs a
+            few elementwise passes per fold (default: True).
+        diagnostics (str): detail of :meth:`diagnostics`: ``"off"``, ``"global"``, ``"block"``
+            or ``"head"`` (default: "global").
         process_group: group whose ranks fold data-parallel shares of the batch; ``None`` uses
             the world group when ``torch.distributed`` runs with several ranks (default: None).
 """
@@ -127,6 +155,10 @@ class MLFOPSOAP(SOAP):
         "balance_beta",
         "process_group",
         "stream_norm_ema",
+        "head_layouts",
+        "noise_shrinkage",
+        "diagnostics_level",
+        "_last_diagnostics",
         "_folds",
     )
 
@@ -155,8 +187,13 @@ class MLFOPSOAP(SOAP):
         eps_fop: float = 1e-30,
         balance_alpha: float = 0.5,
         balance_beta: float = 0.9,
+        heads: Any = None,
+        heads_strict: bool = False,
+        noise_shrinkage: bool = True,
+        diagnostics: str = "global",
         process_group: Any = None,
     ) -> None:
+        params = _materialize_params(params, type(self).__name__)
         self.streams = _check_streams(streams)
         self.stream_weights = _check_weights(stream_weights, self.streams)
         self.levels = _check_levels(levels)
@@ -167,9 +204,18 @@ class MLFOPSOAP(SOAP):
             raise ValueError("balance_beta must be below 1 (an EMA factor of 1 never updates the norms)")
         self.balance_alpha = float(balance_alpha)
         self.balance_beta = float(balance_beta)
+        if not isinstance(noise_shrinkage, bool) or not isinstance(heads_strict, bool):
+            raise TypeError("noise_shrinkage and heads_strict must be True or False")
+        if diagnostics not in DETAIL_LEVELS:
+            raise ValueError(f"diagnostics must be one of {DETAIL_LEVELS}, got {diagnostics!r}")
+        self.noise_shrinkage = noise_shrinkage
+        self.diagnostics_level = diagnostics
+        self.head_layouts = resolve_head_layouts(heads, params, strict=heads_strict)
         self.process_group = process_group
         self.stream_norm_ema: dict[str, float] = {}
-        self._folds = StreamFolds(self.streams)
+        self._last_diagnostics: dict[str, Any] = {}
+        active_heads = self.head_layouts if "head" in self.levels else {}
+        self._folds = StreamFolds(self.streams, track_norms=noise_shrinkage, head_layouts=active_heads)
         config = FOPConfig(
             lr=lr,
             betas=betas,
@@ -234,6 +280,13 @@ class MLFOPSOAP(SOAP):
         weights = self._stream_weights(present, self._folds.shares(present))
         return {self.streams[k]: float(w) for k, w in zip(present, weights)}
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Plain dict of the last step's heterogeneity statistics (see :mod:`mlfop.diagnostics`).
+
+        Empty after a step without folds (plain SOAP) or with ``diagnostics="off"``.
+        """
+        return self._last_diagnostics
+
     def fold_buffer_bytes(self) -> int:
         """Bytes currently held by the stream buffers (at most K gradient-sized per parameter)."""
         return self._folds.buffer_bytes()
@@ -274,6 +327,7 @@ class MLFOPSOAP(SOAP):
             return
         group = self.process_group if self.process_group is not None else default_process_group()
         with_buffers = [param for _, param, _ in work if param in folds.buffers]
+        folds.commit_last_norms(keep=group is None)  # under DDP the last fold is the synced one
         if group is not None and not folds.reduced:
             all_reduce_folds(folds, with_buffers, group)
             folds.reduced = True
@@ -342,56 +396,98 @@ class MLFOPSOAP(SOAP):
         return weights / total if total > 0.0 else natural
 
     def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], scale: float) -> None:
-        """Pass 1: statistics and layer-level betas; pass 2: blocks that take the global beta."""
+        """Pass 1: statistics and layer/head betas; pass 2: blocks that take the global beta."""
         folds = self._folds
         shares = folds.shares(present)
         weights = self._stream_weights(present, shares)
+        names = [self.streams[k] for k in present]
         use_layer, use_global = "layer" in self.levels, "global" in self.levels
+        detail = DETAIL_LEVELS.index(self.diagnostics_level)
         deferred: list[_Block] = []
-        d_global = torch.zeros(len(present), dtype=torch.float64)
-        e_global = torch.zeros(len(present), len(present), dtype=torch.float64)
-        norms_sq = torch.zeros(len(present), dtype=torch.float64)
+        k = len(present)
+        d_global, e_global = torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
+        gram_e_global, sigma_global = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+        norms_sq = torch.zeros(k, dtype=torch.float64)
+        blocks: dict[str, Any] = {}
+        conflicting = counted = 0
+        param_names = self._param_names()
         for config, param, _ in work:
-            block = self._prepare_block(config, param, present, shares, scale, weights)
+            block = self._prepare_block(param_names[param], config, param, present, shares, scale, weights, detail)
             if block is None:
                 continue
             norms_sq += torch.diagonal(block.system.gram_hinv)
             if use_global:
                 d_global += block.system.d
                 e_global += block.system.e
-            if use_layer and param.dim() >= 2:
-                beta = solve_beta(block.system.d, block.system.e, weights, config.beta_max)
-                self._finish_block(block, weights, beta)
+                if block.gram_e is not None:
+                    gram_e_global += block.gram_e
+                if block.sigma_sq is not None:
+                    sigma_global += block.sigma_sq.sum(1)
+            if block.gram_e is not None:
+                counted += 1
+                conflicting += conflicts(block.gram_e)
+            if (use_layer or block.param in self._folds.head_layouts) and param.dim() >= 2:
+                blocks[block.name] = self._finish_block(block, weights, None, names, detail)
             else:
                 deferred.append(block)
+        beta_global = beta_raw_global = torch.zeros(k, dtype=torch.float64)
+        if use_global and deferred:
+            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max)
+            beta_global = beta_raw_global * self._shrink(sigma_global, gram_e_global, weights)[0]
         for block in deferred:
-            if use_global:
-                beta = solve_beta(d_global, e_global, weights, block.config.beta_max)
-            else:
-                beta = torch.zeros(len(present), dtype=torch.float64)
-            self._finish_block(block, weights, beta)
+            blocks[block.name] = self._finish_block(block, weights, beta_global, names, detail)
         self._update_stream_norms(present, norms_sq)
+        if detail:
+            self._last_diagnostics = {
+                "streams": names,
+                "weights": dict(zip(names, weights.tolist())),
+                "norms_hinv": dict(zip(names, norms_sq.clamp_min(0.0).sqrt().tolist())),
+                "norms": dict(zip(names, torch.diagonal(gram_e_global).clamp_min(0.0).sqrt().tolist())),
+                "conflict_fraction": conflicting / counted if counted else 0.0,
+                "global": {
+                    "beta_raw": dict(zip(names, beta_raw_global.tolist())),
+                    "beta": dict(zip(names, beta_global.tolist())),
+                },
+            }
+            if detail >= DETAIL_LEVELS.index("block"):
+                self._last_diagnostics["blocks"] = blocks
+
+    def _param_names(self) -> dict[Tensor, str]:
+        """Names for diagnostics: from ``named_parameters()`` pairs, else ``group{g}.param{i}``."""
+        names = {}
+        for g, group in enumerate(self.param_groups):
+            given = group.get("param_names")
+            for i, param in enumerate(group["params"]):
+                names[param] = given[i] if given else f"group{g}.param{i}"
+        return names
+
+    def _shrink(self, sigma_sq: Tensor | None, gram_e: Tensor | None, weights: Tensor) -> tuple[float, float | None]:
+        """``(rho, noise_fraction)``, or ``(1, None)`` with the shrinkage off."""
+        if not self.noise_shrinkage or sigma_sq is None or gram_e is None:
+            return 1.0, None
+        return noise_shrinkage(sigma_sq, gram_e, weights)
 
     def _prepare_block(
         self,
+        name: str,
         config: FOPConfig,
         param: Tensor,
         present: list[int],
         shares: list[float],
         scale: float,
         weights: Tensor,
+        detail: int,
     ) -> _Block | None:
         """Stream gradients of one parameter, rotated, with their Gram matrices (or first-call init)."""
         block_shape, preconditioned = layout = self._layout(config, param)
         sign = -1.0 if config.maximize else 1.0
-        coef = torch.tensor([sign * scale / a for a in shares], dtype=torch.float64)
         dtype = torch.promote_types(param.dtype, torch.float32)
         if param in self._folds.buffers:
             sums = self._folds.present_sums(param, present)
         else:  # a parameter whose gradient is all zero (the rescale test checked it)
             sums = torch.zeros((len(present), *param.shape), dtype=dtype, device=param.device)
-        coef = coef.to(dtype=dtype, device=param.device).view(-1, *[1] * len(block_shape))
-        streams = sums.reshape((len(present), *block_shape)) * coef
+        coef = torch.tensor([sign * scale / a for a in shares], dtype=dtype, device=param.device)
+        streams = sums.reshape((len(present), *block_shape)) * coef.view(-1, *[1] * len(block_shape))
         state = self.state[param]
         if _awaits_first_call(state):
             statistics = _weighted_statistics(streams, weights, preconditioned)
@@ -404,26 +500,108 @@ class MLFOPSOAP(SOAP):
         h = exp_avg_sq.lerp(second_moment, 1.0 - config.betas[1]).sqrt_().add_(config.eps)
         gram_h, gram_hinv = stream_gram_matrices(rotated, h)
         system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
-        return _Block(config, param, streams, rotated, second_moment, system)
+        need_e = self.noise_shrinkage or detail > 0
+        gram_e = euclidean_gram(rotated) if need_e else None
+        sigma_sq = None
+        if self.noise_shrinkage and param in self._folds.micro_sq:
+            layout_h = self._folds.head_layouts.get(param)
+            grouped = split_heads(sums, *layout_h, leading=1).flatten(2) if layout_h else sums.reshape(len(present), 1, -1)
+            sums_sq = grouped.square().sum(2).double().cpu()
+            micro_sq = self._folds.micro_sq[param][present]
+            counts = torch.tensor([self._folds.micro_batches[k] for k in present])
+            norm_counts = torch.tensor([self._folds.norm_counts[k] for k in present])
+            sigma_sq = stream_noise(micro_sq, sums_sq, counts, norm_counts, torch.tensor(shares), scale)
+        return _Block(name, config, param, streams, rotated, h, second_moment, system, gram_h, gram_e, sigma_sq)
 
-    def _finish_block(self, block: _Block, weights: Tensor, beta: Tensor) -> None:
-        """Combine the streams with ``beta`` and take SOAP's step with the combined gradient."""
-        layout = self._layout(block.config, block.param)
-        if bool((beta == 0).all()):
-            coefficients, eta = block.system.weights, 1.0
+    def _finish_block(
+        self, block: _Block, weights: Tensor, beta: Tensor | None, names: list[str], detail: int
+    ) -> dict[str, Any]:
+        """Combine the streams (with ``beta``, or the block's own per layer or per head) and step."""
+        config, param = block.config, block.param
+        layout = self._layout(config, param)
+        record: dict[str, Any] = {}
+        heads = self._folds.head_layouts.get(param)
+        if beta is None and heads is not None:
+            momentum, eta, record = self._combine_heads(block, weights, heads, names, detail)
         else:
-            coefficients = combination_coefficients(block.system, beta)
-            eta = step_scale(block.system, coefficients, block.config.eta_range)
+            noise_fraction = None
+            beta_raw = beta
+            if beta is None:
+                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max)
+                rho, noise_fraction = self._shrink(
+                    None if block.sigma_sq is None else block.sigma_sq.sum(1), block.gram_e, weights
+                )
+                beta = beta_raw * rho
+            if bool((beta == 0).all()):
+                coefficients, eta = block.system.weights, 1.0
+            else:
+                coefficients = combination_coefficients(block.system, beta)
+                eta = step_scale(block.system, coefficients, config.eta_range)
+            momentum = combine(block.rotated, coefficients)
+            if detail >= DETAIL_LEVELS.index("block") and block.gram_e is not None:
+                record = stream_record(
+                    names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=beta_raw,
+                    beta=beta, eta=eta, noise_fraction=noise_fraction,
+                )
         self._real_step(
-            block.config,
-            block.param,
-            self.state[block.param],
+            config,
+            param,
+            self.state[param],
             layout,
-            momentum_input=combine(block.rotated, coefficients),
+            momentum_input=momentum,
             second_moment_input=block.second_moment,
             factor_statistics=_weighted_statistics(block.streams, weights, layout[1]),
             update_scale=eta,
         )
+        return record
+
+    def _combine_heads(
+        self, block: _Block, weights: Tensor, heads: tuple[int, int], names: list[str], detail: int
+    ) -> tuple[Tensor, float, dict[str, Any]]:
+        """Head level: one beta per head, the combination assembled per head, rotated once."""
+        config, param = block.config, block.param
+        num_heads, axis = heads
+        bases = _block_tensors(self.state[param], self._layout(config, param))[3]
+        k = block.streams.shape[0]
+        streams = block.streams.reshape(k, *param.shape)
+        preconditioned = unrotate(block.rotated / block.h, bases).reshape(k, *param.shape)
+        grams = head_gram(streams, preconditioned, num_heads, axis)
+        grams_e = head_gram(streams, streams, num_heads, axis) if block.gram_e is not None else None
+        coefficients, head_records = [], {}
+        for h in range(num_heads):
+            system = restricted_system(block.system, grams[h])
+            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max)
+            sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
+            rho, noise_fraction = self._shrink(sigma, None if grams_e is None else grams_e[h], weights)
+            beta = beta_raw * rho
+            coefficients.append(combination_coefficients(system, beta))
+            if detail >= DETAIL_LEVELS.index("head") and grams_e is not None:
+                head_records[str(h)] = stream_record(
+                    names, gram_e=grams_e[h], gram_h=None, s=system.s, beta_raw=beta_raw, beta=beta,
+                    eta=float("nan"), noise_fraction=noise_fraction,
+                )
+        per_head = torch.stack(coefficients).to(dtype=streams.dtype, device=streams.device)  # (H, K)
+        split = split_heads(streams, num_heads, axis, leading=1)  # (K, H, ...)
+        combined = torch.einsum("hk,kh...->h...", per_head, split)  # (H, ...)
+        combined = combined.movedim(0, axis).flatten(axis, axis + 1)
+        momentum = rotate(combined.reshape(block.rotated.shape[1:]), bases)
+        shared = combine(block.rotated, block.system.weights)
+        comb_norm = float((momentum.square() / block.h).sum())
+        eta = 1.0
+        if comb_norm > 0.0:
+            eta = float((shared * momentum / block.h).sum()) / comb_norm
+            eta = min(max(eta, config.eta_range[0]), config.eta_range[1])
+        record: dict[str, Any] = {}
+        if detail >= DETAIL_LEVELS.index("block") and block.gram_e is not None:
+            record = stream_record(
+                names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s,
+                beta_raw=torch.zeros(len(names), dtype=torch.float64),
+                beta=torch.zeros(len(names), dtype=torch.float64), eta=eta, noise_fraction=None,
+            )
+            record.pop("beta_raw"), record.pop("beta")
+            if head_records:
+                record["heads"] = head_records
+        return momentum, eta, record
 
     def _update_stream_norms(self, present: list[int], norms_sq: Tensor) -> None:
         """EMA of each stream's global norm under the inverse metric (for ``"balanced"``)."""

@@ -1,0 +1,241 @@
+"""The run configuration: one typed dataclass, its validation and its TOML/YAML loading.
+
+Every check raises :class:`BenchError` with a one-line message that names the accepted values;
+the CLI turns it into exit code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tempfile
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlfop.bench.models import MODELS, ModelConfig
+from mlfop.bench.tokenizers import TOKENIZERS
+
+__all__ = ["BenchError", "RunConfig", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
+           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "load_config_file", "check_output",
+           "partial_path"]
+
+OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad")
+# Starting points from the feasibility probe (batch 1024): AdamW 3e-3, SOAP 1e-2.
+DEFAULT_LRS = {"adamw": 3e-3, "soap": 1e-2, "mlfop": 1e-2, "upgrad": 3e-3}
+# Held-out metrics a target may name, with True where larger is better.
+METRICS = {"gen_nll": False, "und_nll": False, "und_acc": True, "fd": False, "text_nll": False}
+STREAMS = ("gen", "und", "text")
+LEVELS = ("global", "layer", "head")
+STREAM_WEIGHTS = ("tokens", "fixed", "balanced")
+LOSS_WEIGHTINGS = ("task", "token")
+
+
+class BenchError(ValueError):
+    """Bad input: reported as one line, exit code 2, nothing written."""
+
+
+@dataclass
+class RunConfig:
+    """Everything one ``mlfop-bench run`` does. Each field is also a ``--config`` key.
+
+    The step objective is ``sum_k c_k L_k`` over the streams ``k`` (``L_k`` the stream's mean NLL
+    per loss token in the step) with ``c_k`` its share of micro-batches (``loss_weighting =
+    "task"``) or of loss tokens (``"token"``: the plain mean over every supervised token).
+    """
+
+    model: str = "emu3"
+    tokenizer: str = "km64"
+    optimizers: tuple[str, ...] = ("adamw", "soap", "mlfop")
+    lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per optimizer; default DEFAULT_LRS
+    batch: int = 1024  # sequences per optimizer step, all streams together
+    micro_batch: int = 64  # sequences per forward/backward; each holds one stream
+    steps: int = 60
+    seeds: tuple[int, ...] = (0,)
+    targets: dict[str, float] = field(default_factory=lambda: {"gen_nll": 3.0, "und_acc": 0.7})
+    threads: int = 1
+    output: str = ""  # default: runs/<date>-<time>-<model>-<tokenizer>
+    eval_every: int = 10
+    samples: int = 360  # class-conditional samples for the Frechet distance (0: skip it)
+    text_stream: bool = False  # add the text-only third stream (K = 3)
+    mix: tuple[int, ...] = (1, 1, 1)  # micro-batch ratio gen : und : text
+    loss_weighting: str = "task"
+    augment: bool = True  # +-1 pixel shifts of the training images
+    warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak LR
+    clip: float = 1.0  # gradient-norm clip (0: none)
+    betas: tuple[float, float] = (0.95, 0.95)
+    weight_decay: float = 0.01
+    levels: tuple[str, ...] = LEVELS  # ML-FOP-SOAP levels (ablation)
+    stream_weights: str = "tokens"  # ML-FOP-SOAP stream weights
+    hidden: int = 64
+    layers: int = 4
+    heads: int = 4
+    mlp: int = 256
+    attention_dropout: float = 0.0
+
+    # ------------------------------------------------------------------------ derived
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return STREAMS if self.text_stream else STREAMS[:2]
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(self.hidden, self.layers, self.heads, self.mlp, self.attention_dropout)
+
+    def learning_rates(self, optimizer: str) -> tuple[float, ...]:
+        return tuple(self.lrs.get(optimizer, (DEFAULT_LRS[optimizer],)))
+
+    def micro_batches(self) -> dict[str, int]:
+        """Micro-batches per stream in one step, by the ``mix`` ratio (largest remainder, >= 1 each)."""
+        total = self.batch // self.micro_batch
+        ratios = self.mix[: len(self.streams)]
+        exact = [total * r / sum(ratios) for r in ratios]
+        counts = [max(1, math.floor(e)) for e in exact]
+        by_remainder = sorted(range(len(counts)), key=lambda k: counts[k] - exact[k])
+        for k in by_remainder[: total - sum(counts)]:
+            counts[k] += 1
+        return dict(zip(self.streams, counts))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # --------------------------------------------------------------------- validation
+    def validate(self) -> RunConfig:
+        """Check every field; returns ``self`` or raises :class:`BenchError`."""
+        _one_of("model", self.model, MODELS)
+        _one_of("tokenizer", self.tokenizer, TOKENIZERS)
+        if not self.optimizers:
+            raise BenchError(f"optimizers: give at least one of {', '.join(OPTIMIZERS)}")
+        for name in self.optimizers:
+            _one_of("optimizer", name, OPTIMIZERS)
+        if len(set(self.optimizers)) != len(self.optimizers):
+            raise BenchError(f"optimizers: each name at most once, got {', '.join(self.optimizers)}")
+        for name, values in self.lrs.items():
+            _one_of("optimizer in lrs", name, OPTIMIZERS)
+            if not values or any(not (isinstance(v, (int, float)) and 0 < v < math.inf) for v in values):
+                raise BenchError(f"lrs for {name}: positive finite numbers, got {values!r}")
+        for name in ("batch", "micro_batch", "steps", "eval_every", "threads", "hidden", "layers", "heads", "mlp"):
+            _positive(name, getattr(self, name))
+        if self.batch % self.micro_batch:
+            raise BenchError(f"micro_batch {self.micro_batch} does not divide batch {self.batch}; "
+                             f"accepted: a divisor of {self.batch} (e.g. {_divisors(self.batch)})")
+        if self.batch // self.micro_batch < len(self.streams):
+            raise BenchError(f"batch/micro_batch = {self.batch // self.micro_batch} micro-batches, but each of the "
+                             f"{len(self.streams)} streams needs its own: accepted batch >= "
+                             f"{len(self.streams)} * micro_batch")
+        if self.hidden % self.heads:
+            raise BenchError(f"heads {self.heads} must divide hidden {self.hidden}")
+        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise BenchError(f"seeds: one or more integers >= 0, got {self.seeds!r}")
+        for name, value in self.targets.items():
+            _one_of("target metric", name, tuple(METRICS))
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BenchError(f"target {name}: a finite number, got {value!r}")
+        if self.samples != 0 and self.samples < 100:
+            raise BenchError(f"samples: 0 (no Frechet distance) or >= 100, got {self.samples}")
+        if len(self.mix) != 3 or any(not isinstance(m, int) or m < 1 for m in self.mix):
+            raise BenchError(f"mix: three integers >= 1 (gen, und, text), got {self.mix!r}")
+        _one_of("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        _one_of("stream_weights", self.stream_weights, STREAM_WEIGHTS)
+        for level in self.levels:
+            _one_of("level", level, LEVELS)
+        for name, value, high in (("warmup_fraction", self.warmup_fraction, 1.0),
+                                  ("min_lr_fraction", self.min_lr_fraction, 1.0),
+                                  ("attention_dropout", self.attention_dropout, 1.0),
+                                  ("weight_decay", self.weight_decay, math.inf),
+                                  ("clip", self.clip, math.inf)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high \
+                    or not math.isfinite(value):
+                raise BenchError(f"{name}: a finite number in [0, {high:g}], got {value!r}")
+        if len(self.betas) != 2 or any(not (isinstance(b, (int, float)) and 0 <= b < 1) for b in self.betas):
+            raise BenchError(f"betas: two numbers in [0, 1), got {self.betas!r}")
+        return self
+
+
+def _one_of(what: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise BenchError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise BenchError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """A config-file value in the field's type (lists become tuples, lr values become tuples)."""
+    if name == "lrs":
+        if not isinstance(value, dict):
+            raise BenchError(f"lrs: a table {{optimizer = [lr, ...]}}, got {value!r}")
+        return {k: tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in value.items()}
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise BenchError(f"{name}: a list, got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise BenchError(f"{name}: true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The keys of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against the fields."""
+    file = Path(path)
+    if not file.is_file():
+        raise BenchError(f"config file {path!r} not found")
+    if file.suffix not in (".toml", ".yaml", ".yml"):
+        raise BenchError(f"config file {path!r}: accepted formats: .toml, .yaml, .yml")
+    try:
+        if file.suffix == ".toml":
+            with file.open("rb") as handle:
+                values = tomllib.load(handle)
+        else:
+            import yaml
+
+            values = yaml.safe_load(file.read_text()) or {}
+    except Exception as error:  # a parse error of either format, reported as one line
+        raise BenchError(f"config file {path!r} is not valid: {' '.join(str(error).split())}") from None
+    if not isinstance(values, dict):
+        raise BenchError(f"config file {path!r}: expected a table of keys")
+    defaults = RunConfig()
+    accepted = [f.name for f in dataclasses.fields(RunConfig)]
+    unknown = [key for key in values if key not in accepted]
+    if unknown:
+        raise BenchError(f"unknown config key {unknown[0]!r} in {path}; accepted: {', '.join(accepted)}")
+    return {key: _coerce(key, value, getattr(defaults, key)) for key, value in values.items()}
+
+
+def check_output(path: Path, resume: bool) -> None:
+    """The run folder must be new (or, with ``resume``, its partial folder must exist) and writable."""
+    partial = partial_path(path)
+    if resume:
+        if not partial.is_dir():
+            raise BenchError(f"--resume: no interrupted run at {partial}; accepted: the --output of a killed run")
+        return
+    if path.exists() or partial.exists():
+        taken = path if path.exists() else partial
+        raise BenchError(f"output folder {taken} already exists; accepted: a new folder (or --resume for "
+                         f"an interrupted run)")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        if not parent.is_dir():
+            raise OSError(f"{parent} is not a directory")
+        with tempfile.TemporaryFile(dir=parent):  # a real write probe, removed at once
+            pass
+    except OSError as error:
+        raise BenchError(f"output folder {path} is not writable ({error.strerror or error}); accepted: a "
+                         f"folder under a writable directory") from None
+
+
+def partial_path(path: Path) -> Path:
+    """Where a run writes until it finishes (renamed to ``path`` at the end)."""
+    return path.with_name(path.name + ".partial")

@@ -1,0 +1,129 @@
+"""Held-out metrics, their reference lines, targets and run flags.
+
+- ``gen_nll``: teacher-forced NLL per image code on the test images (nats), printed beside the
+  *independent sampler* line: a class-conditional, per-position categorical fitted on the
+  training codes, which models no dependency between codes; a model must beat it to have learnt
+  any image structure;
+- ``und_acc`` / ``und_nll``: accuracy (argmax over the ten digit words) and answer NLL (full
+  vocabulary) on the test images;
+- ``text_nll``: NLL per token of the 55 text-stream sentences (when that stream is on);
+- ``fd``: Frechet distance in raw pixel space (64-d) between class-conditional samples (equal
+  count per digit, temperature 1, fixed sampling seed) and the test images, beside its noise
+  floor: the distance of as many *real* training images to the test images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy import linalg
+
+from mlfop.bench import vocab
+from mlfop.bench.config import METRICS
+from mlfop.bench.data import TEXT_PAIRS, Batch, DigitsData
+from mlfop.bench.models import TinyModel
+from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
+
+__all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
+           "run_flags", "STALL_MARGIN", "SMOOTHING"]
+
+STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is within this of its prior is stalled
+SMOOTHING = 0.5  # add-alpha smoothing of the independent sampler's counts
+
+
+def independent_sampler_nll(train_codes: np.ndarray, train_labels: np.ndarray, test_codes: np.ndarray,
+                            test_labels: np.ndarray, codes: int) -> float:
+    """Held-out NLL per code of the class-conditional independent per-position sampler."""
+    counts = np.full((10, train_codes.shape[1], codes), SMOOTHING)
+    np.add.at(counts, (train_labels[:, None], np.arange(train_codes.shape[1])[None], train_codes), 1.0)
+    log_probs = np.log(counts / counts.sum(-1, keepdims=True))
+    positions = np.arange(test_codes.shape[1])[None]
+    return float(-log_probs[test_labels[:, None], positions, test_codes].mean())
+
+
+def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to the rows of ``x`` and ``y``.
+
+    ``tr sqrt(C_x C_y)`` is the sum of the square roots of the eigenvalues of ``C_x C_y`` (real and
+    non-negative for covariance matrices), which stays exact when pixels that never vary make
+    both covariances singular."""
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    root_trace = np.sqrt(np.clip(linalg.eigvals(cov_x @ cov_y).real, 0.0, None)).sum()
+    return float(((mu_x - mu_y) ** 2).sum() + np.trace(cov_x) + np.trace(cov_y) - 2.0 * root_trace)
+
+
+def references(data: DigitsData, samples: int) -> dict[str, float]:
+    """The reference lines: independent sampler, priors (for stall flags) and the FD noise floor."""
+    train_codes, train_labels = data.train_codes[0].numpy(), data.train_labels.numpy()
+    test_codes, test_labels = data.test.codes.numpy(), data.test.labels.numpy()
+    codes = data.tokenizer.codes
+    unigram = np.bincount(train_codes.ravel(), minlength=codes) + SMOOTHING
+    classes = np.bincount(train_labels, minlength=10) / len(train_labels)
+    refs = {
+        "independent_sampler_nll": independent_sampler_nll(train_codes, train_labels, test_codes, test_labels, codes),
+        "gen_prior_nll": float(-np.log(unigram / unigram.sum())[test_codes].mean()),
+        "und_prior_nll": float(-np.log(classes)[test_labels].mean()),
+        "ln_codes": math.log(codes),
+    }
+    if samples:
+        real = data.train_images[:samples].reshape(samples, 64)
+        refs["fd_noise_floor"] = frechet_distance(real, data.test_images.reshape(-1, 64))
+    return refs
+
+
+@torch.no_grad()
+def evaluate(model: TinyModel, data: DigitsData, streams: tuple[str, ...], samples: int, sample_seed: int
+             ) -> tuple[dict[str, float], np.ndarray | None]:
+    """Every held-out metric of ``model`` and, when ``samples``, the sampled images ``(n, 8, 8)``."""
+    was_training = model.training
+    model.eval()
+    test = data.test
+    tokens = test.codes.shape[1]
+    result = {"gen_nll": float(stream_nll(model, "gen", test)) / (len(test) * tokens)}
+    logits = model.und_logits(test)
+    answers = vocab.digit_ids()[test.labels]
+    result["und_nll"] = float(torch.nn.functional.cross_entropy(logits, answers))
+    result["und_acc"] = float((digit_logits(logits).argmax(1) == test.labels).float().mean())
+    if "text" in streams:
+        pairs = torch.tensor(TEXT_PAIRS)
+        text = Batch(test.codes[:0], pairs.sum(1), test.pixels[:0], pairs)
+        result["text_nll"] = float(stream_nll(model, "text", text)) / (len(pairs) * tokens_per_sequence("text", 0))
+    images = None
+    if samples:
+        labels = torch.arange(10).repeat_interleave(samples // 10)
+        codes = model.sample(labels, torch.Generator().manual_seed(sample_seed))
+        images = data.tokenizer.decode(codes.numpy())
+        result["fd"] = frechet_distance(images.reshape(len(images), 64), data.test_images.reshape(-1, 64))
+    model.train(was_training)
+    return result, images
+
+
+def time_to_targets(evals: list[dict], targets: dict[str, float]) -> dict[str, float | None]:
+    """First eval step (and training seconds) at which each target, and all together, were met."""
+    def met(record: dict, name: str) -> bool:
+        value = record.get(name)
+        if value is None or not math.isfinite(value):
+            return False
+        return value >= targets[name] if METRICS[name] else value <= targets[name]
+
+    result: dict[str, float | None] = {}
+    for label, names in [(name, [name]) for name in targets] + [("all", list(targets))]:
+        hit = next((r for r in evals if names and all(met(r, n) for n in names)), None)
+        result[f"steps_to_{label}"] = None if hit is None else hit["step"]
+        result[f"seconds_to_{label}"] = None if hit is None else hit["train_seconds"]
+    return result
+
+
+def run_flags(evals: list[dict], refs: dict[str, float], nonfinite: bool) -> dict[str, bool]:
+    """``diverged``: a non-finite training loss, or a held-out loss that ended above its start;
+    ``stalled_<task>``: the task's final held-out NLL within :data:`STALL_MARGIN` of its prior."""
+    first, last = evals[0], evals[-1]
+    grew = any(last[k] > first[k] for k in ("gen_nll", "und_nll") if k in last)
+    return {
+        "diverged": bool(nonfinite or grew),
+        "stalled_gen": bool(not last["gen_nll"] < refs["gen_prior_nll"] - STALL_MARGIN),
+        "stalled_und": bool(not last["und_nll"] < refs["und_prior_nll"] - STALL_MARGIN),
+    }
