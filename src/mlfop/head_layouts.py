@@ -167,6 +167,8 @@ def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
         if isinstance(group, Tensor):
             group = [group]
         for p in group:
+            if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str):
+                p = p[1]  # a (name, parameter) pair, as from model.named_parameters()
             if not isinstance(p, Tensor):
                 raise TypeError(f"params must hold tensors, got {type(p).__name__}")
             if id(p) not in seen:

@@ -56,7 +56,6 @@ __all__ = [
     "euclidean_gram",
     "stream_noise",
     "noise_shrinkage",
-    "restricted_system",
 ]
 
 
@@ -74,6 +73,11 @@ class FOPSystem:
     s: Tensor
     d: Tensor
     e: Tensor
+
+    @property
+    def shared_norm(self) -> float:
+        r""":math:`\langle \bar g, \bar g\rangle_{H^{-1}}`, the reference size of the block."""
+        return float(self.weights @ self.gram_hinv @ self.weights)
 
 
 def stream_gram_matrices(rotated: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,15 +103,20 @@ def fop_system(gram_h: Tensor, gram_hinv: Tensor, weights: Tensor, eps_fop: floa
     return FOPSystem(weights=weights, gram_hinv=gram_hinv, perp=perp, s=s, d=d, e=e)
 
 
-def solve_beta(d: Tensor, e: Tensor, weights: Tensor, beta_max: float, rcond: float = 1e-5) -> Tensor:
-    """Zero-sum solution of ``E beta = D`` (pseudo-inverse with relative cut ``rcond``), clipped.
+def solve_beta(
+    d: Tensor, e: Tensor, weights: Tensor, beta_max: float, reference: float = 0.0, rcond: float = 1e-5
+) -> Tensor:
+    r"""Zero-sum solution of ``E beta = D`` (pseudo-inverse with relative cut ``rcond``), clipped.
 
-    Returns zeros when ``E`` vanishes (the streams agree on this block).
+    Returns zeros when ``E`` is negligible: at most ``1e-10 * reference``, with ``reference``
+    :math:`= \langle \bar g, \bar g\rangle_{H^{-1}}` (perpendicular parts below 1e-5 of the
+    shared component's length are float32 rounding of streams that agree, whose ratio D/E
+    would be noise).
     """
     e = 0.5 * (e + e.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(e)
     largest = float(eigenvalues.abs().max())
-    if largest <= 0.0 or not torch.isfinite(eigenvalues).all():
+    if largest <= 1e-10 * reference or largest <= 0.0 or not torch.isfinite(eigenvalues).all():
         return torch.zeros_like(d)
     keep = eigenvalues > rcond * largest
     coords = (eigenvectors.T @ d)[keep] / eigenvalues[keep]
@@ -191,16 +200,3 @@ def noise_shrinkage(sigma_sq: Tensor, gram_e: Tensor, weights: Tensor) -> tuple[
     fraction = noise / spread
     return max(0.0, 1.0 - fraction), fraction
 
-
-def restricted_system(system: FOPSystem, gram: Tensor) -> FOPSystem:
-    r"""The same projection (``perp``, ``s``) with ``D`` and ``E`` taken from another Gram matrix.
-
-    For a head :math:`h` of a block, ``gram[i, j]`` :math:`= \sum_{x \in h} g_i[x]\, P(g_j)[x]`
-    with :math:`P(x) = \operatorname{unrot}(\operatorname{rot}(x) / h)`, the preconditioned
-    direction restricted to the head (block-diagonal across heads): then
-    :math:`D_h = \langle \bar g, P(g^\perp)\rangle_h` and :math:`E_h = \langle g^\perp, P(g^\perp)\rangle_h`.
-    Summed over the heads that tile a block, these are the block's own ``D`` and ``E``.
-    """
-    d = system.perp.T @ gram.T @ system.weights
-    e = system.perp.T @ gram @ system.perp
-    return FOPSystem(weights=system.weights, gram_hinv=gram, perp=system.perp, s=system.s, d=d, e=e)

@@ -21,14 +21,13 @@ from mlfop.functional.fop import (
     euclidean_gram,
     fop_system,
     noise_shrinkage,
-    restricted_system,
     solve_beta,
     step_scale,
     stream_gram_matrices,
     stream_noise,
 )
-from mlfop.functional.heads import head_gram, split_heads
-from mlfop.functional.rotation import kronecker_statistics, rotate, unrotate
+from mlfop.functional.heads import split_heads
+from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.head_layouts import resolve_head_layouts
 from mlfop.optim.config import FOPConfig
 from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _awaits_first_call, _block_tensors, _materialize_params
@@ -99,8 +98,10 @@ class MLFOPSOAP(SOAP):
       blocks without a layer estimate (1-D/0-D parameters, or all blocks when ``"layer"`` is
       off). Off: the natural weights :math:`w_k = a_k` and no global :math:`\beta`;
     - ``"head"``: each attention head of a block with a head layout (``heads=``) gets its own
-      :math:`\beta_h` (block-diagonal across heads, :func:`mlfop.functional.fop.restricted_system`);
-      the combined gradient is assembled head by head in the original basis and rotated once.
+      projection, :math:`\beta_h` and noise shrinkage: FOP on the subspace of the head's slice
+      (the streams masked to the head, so the metrics are exact inner products there; the
+      coupling between heads is dropped, a block-diagonal approximation). One head is exactly
+      the layer level. Costs one rotation of the K streams per head.
 
     The finest enabled level that applies to a block decides its :math:`\beta`. With the noise
     shrinkage on, each :math:`\beta` is multiplied by :math:`\rho = \max(0, 1 - \nu)`, where
@@ -408,6 +409,7 @@ class MLFOPSOAP(SOAP):
         d_global, e_global = torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
         gram_e_global, sigma_global = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         norms_sq = torch.zeros(k, dtype=torch.float64)
+        shared_global = 0.0
         blocks: dict[str, Any] = {}
         conflicting = counted = 0
         param_names = self._param_names()
@@ -419,6 +421,7 @@ class MLFOPSOAP(SOAP):
             if use_global:
                 d_global += block.system.d
                 e_global += block.system.e
+                shared_global += block.system.shared_norm
                 if block.gram_e is not None:
                     gram_e_global += block.gram_e
                 if block.sigma_sq is not None:
@@ -432,7 +435,7 @@ class MLFOPSOAP(SOAP):
                 deferred.append(block)
         beta_global = beta_raw_global = torch.zeros(k, dtype=torch.float64)
         if use_global and deferred:
-            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max)
+            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max, shared_global)
             beta_global = beta_raw_global * self._shrink(sigma_global, gram_e_global, weights)[0]
         for block in deferred:
             blocks[block.name] = self._finish_block(block, weights, beta_global, names, detail)
@@ -527,7 +530,7 @@ class MLFOPSOAP(SOAP):
             noise_fraction = None
             beta_raw = beta
             if beta is None:
-                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max)
+                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max, block.system.shared_norm)
                 rho, noise_fraction = self._shrink(
                     None if block.sigma_sq is None else block.sigma_sq.sum(1), block.gram_e, weights
                 )
@@ -558,47 +561,53 @@ class MLFOPSOAP(SOAP):
     def _combine_heads(
         self, block: _Block, weights: Tensor, heads: tuple[int, int], names: list[str], detail: int
     ) -> tuple[Tensor, float, dict[str, Any]]:
-        """Head level: one beta per head, the combination assembled per head, rotated once."""
+        """Head level: FOP on each head's subspace (block-diagonal across heads), summed.
+
+        Head h's streams are the streams masked to the head's slice (zero elsewhere), rotated:
+        the metrics restricted to that subspace are then exact inner products, and a single
+        head is exactly the layer level. Costs one rotation of the K streams per head.
+        """
         config, param = block.config, block.param
         num_heads, axis = heads
         bases = _block_tensors(self.state[param], self._layout(config, param))[3]
         k = block.streams.shape[0]
-        streams = block.streams.reshape(k, *param.shape)
-        preconditioned = unrotate(block.rotated / block.h, bases).reshape(k, *param.shape)
-        grams = head_gram(streams, preconditioned, num_heads, axis)
-        grams_e = head_gram(streams, streams, num_heads, axis) if block.gram_e is not None else None
-        coefficients, head_records = [], {}
+        streams = split_heads(block.streams.reshape(k, *param.shape), num_heads, axis, leading=1)
+        momentum = torch.zeros_like(block.rotated[0])
+        coefficients_norm = []
+        head_records: dict[str, Any] = {}
         for h in range(num_heads):
-            system = restricted_system(block.system, grams[h])
-            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max)
+            masked = torch.zeros_like(block.streams).reshape(k, *param.shape)
+            split_heads(masked, num_heads, axis, leading=1)[:, h] = streams[:, h]
+            rotated = rotate(masked.reshape(block.streams.shape), bases)
+            gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
+            system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
+            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.shared_norm)
+            gram_e = euclidean_gram(rotated) if block.gram_e is not None else None
             sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
-            rho, noise_fraction = self._shrink(sigma, None if grams_e is None else grams_e[h], weights)
+            rho, noise_fraction = self._shrink(sigma, gram_e, weights)
             beta = beta_raw * rho
-            coefficients.append(combination_coefficients(system, beta))
-            if detail >= DETAIL_LEVELS.index("head") and grams_e is not None:
+            coefficients = combination_coefficients(system, beta)
+            momentum += combine(rotated, coefficients)
+            coefficients_norm.append(coefficients)
+            if detail >= DETAIL_LEVELS.index("head") and gram_e is not None:
                 head_records[str(h)] = stream_record(
-                    names, gram_e=grams_e[h], gram_h=None, s=system.s, beta_raw=beta_raw, beta=beta,
-                    eta=float("nan"), noise_fraction=noise_fraction,
+                    names, gram_e=gram_e, gram_h=gram_h, s=system.s, beta_raw=beta_raw, beta=beta,
+                    eta=step_scale(system, coefficients, config.eta_range), noise_fraction=noise_fraction,
                 )
-        per_head = torch.stack(coefficients).to(dtype=streams.dtype, device=streams.device)  # (H, K)
-        split = split_heads(streams, num_heads, axis, leading=1)  # (K, H, ...)
-        combined = torch.einsum("hk,kh...->h...", per_head, split)  # (H, ...)
-        combined = combined.movedim(0, axis).flatten(axis, axis + 1)
-        momentum = rotate(combined.reshape(block.rotated.shape[1:]), bases)
         shared = combine(block.rotated, block.system.weights)
         comb_norm = float((momentum.square() / block.h).sum())
         eta = 1.0
-        if comb_norm > 0.0:
+        if comb_norm > 0.0 and not all(bool((c == block.system.weights).all()) for c in coefficients_norm):
             eta = float((shared * momentum / block.h).sum()) / comb_norm
             eta = min(max(eta, config.eta_range[0]), config.eta_range[1])
         record: dict[str, Any] = {}
         if detail >= DETAIL_LEVELS.index("block") and block.gram_e is not None:
+            zeros = torch.zeros(len(names), dtype=torch.float64)
             record = stream_record(
-                names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s,
-                beta_raw=torch.zeros(len(names), dtype=torch.float64),
-                beta=torch.zeros(len(names), dtype=torch.float64), eta=eta, noise_fraction=None,
+                names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=zeros,
+                beta=zeros, eta=eta, noise_fraction=None,
             )
-            record.pop("beta_raw"), record.pop("beta")
+            del record["beta_raw"], record["beta"]  # the betas are per head
             if head_records:
                 record["heads"] = head_records
         return momentum, eta, record
