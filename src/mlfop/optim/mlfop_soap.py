@@ -26,7 +26,7 @@ from mlfop.functional.fop import (
     stream_gram_matrices,
     stream_noise,
 )
-from mlfop.functional.heads import split_heads
+from mlfop.functional.heads import head_gram, split_heads
 from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.head_layouts import resolve_head_layouts
 from mlfop.optim.config import FOPConfig
@@ -573,6 +573,8 @@ class MLFOPSOAP(SOAP):
         k = block.streams.shape[0]
         streams = split_heads(block.streams.reshape(k, *param.shape), num_heads, axis, leading=1)
         momentum = torch.zeros_like(block.rotated[0])
+        # Plain inner products need no rotation: one contraction for all heads.
+        grams_e = head_gram(block.streams.reshape(k, *param.shape), block.streams.reshape(k, *param.shape), num_heads, axis)
         coefficients_norm = []
         head_records: dict[str, Any] = {}
         for h in range(num_heads):
@@ -582,7 +584,7 @@ class MLFOPSOAP(SOAP):
             gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
             system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
             beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.shared_norm)
-            gram_e = euclidean_gram(rotated) if block.gram_e is not None else None
+            gram_e = grams_e[h] if block.gram_e is not None else None
             sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
             rho, noise_fraction = self._shrink(sigma, gram_e, weights)
             beta = beta_raw * rho
