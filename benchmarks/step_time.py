@@ -43,6 +43,9 @@ from torch import nn
 
 CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2", "mlfop_fop_k3")
 DEFAULT_CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2")
+# ML-FOP-SOAP variants: "mlfop_fop_k2+heads" (head level on the detected attention heads),
+# "+diag=off|global|block|head" (diagnostics detail; default global), "+noshrink".
+FOP_OPTIONS = ("heads", "noshrink", "diag")
 LR = 3e-3
 BETAS = (0.95, 0.95)
 WEIGHT_DECAY = 0.01
@@ -60,11 +63,15 @@ OFFICIAL_REFRESH_RULE = "refresh = calls k > 1 with (k - 1) % f == 0"
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention (fused qkv) and a GELU MLP."""
+    """Pre-LayerNorm transformer block: causal self-attention (fused qkv) and a GELU MLP.
+
+    ``num_heads`` and ``head_dim`` are the attributes ``mlfop.detect_head_layouts`` reads.
+    """
 
     def __init__(self, d_model: int, heads: int) -> None:
         super().__init__()
-        self.heads = heads
+        self.num_heads = heads
+        self.head_dim = d_model // heads
         self.ln1 = nn.LayerNorm(d_model)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
@@ -74,7 +81,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, d_model = x.shape
-        qkv = self.qkv(self.ln1(x)).view(batch, seq, 3, self.heads, d_model // self.heads)
+        qkv = self.qkv(self.ln1(x)).view(batch, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(attn.transpose(1, 2).reshape(batch, seq, d_model))
@@ -174,7 +181,33 @@ def build_heavyball(model: nn.Module, args: argparse.Namespace) -> Contender:
                      lambda k: bool(opt._is_preconditioning))
 
 
-def build_mlfop(streams: int) -> Callable[[nn.Module, argparse.Namespace], Contender]:
+def fop_options(name: str) -> tuple[str, dict[str, Any]]:
+    """Split ``mlfop_fop_k2+heads+diag=block`` into the base name and MLFOPSOAP keyword options."""
+    base, *options = name.split("+")
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key == "heads":
+            kwargs["heads"] = True
+        elif key == "noshrink":
+            kwargs["noise_shrinkage"] = False
+        elif key == "diag" and value:
+            kwargs["diagnostics"] = value
+        else:
+            raise ValueError(f"unknown ML-FOP-SOAP option {option!r} in {name!r}; use {FOP_OPTIONS}")
+    return base, kwargs
+
+
+def contender_name(text: str) -> str:
+    """argparse type: a known contender, or an ML-FOP-SOAP one with +options."""
+    base, _ = fop_options(text)
+    if base not in CONTENDERS or (text != base and not base.startswith("mlfop_fop")):
+        raise argparse.ArgumentTypeError(f"unknown contender {text!r}; choose from {CONTENDERS} "
+                                         f"(ML-FOP-SOAP ones may add +heads, +noshrink, +diag=LEVEL)")
+    return text
+
+
+def build_mlfop(streams: int, options: dict[str, Any] | None = None, label: str = "") -> Callable[[nn.Module, argparse.Namespace], Contender]:
     """``mlfop.SOAP`` (``streams=0``) or ``mlfop.MLFOPSOAP`` folding into ``streams`` streams."""
 
     def build(model: nn.Module, args: argparse.Namespace) -> Contender:
@@ -185,8 +218,11 @@ def build_mlfop(streams: int) -> Callable[[nn.Module, argparse.Namespace], Conte
                       max_precond_dim=MAX_PRECOND_DIM, merge_dims=False)
         if streams:
             names = STREAMS[:streams]
-            opt = mlfop.MLFOPSOAP(model.parameters(), streams=names, **common)
-            name = f"mlfop_fop_k{streams}"
+            extra = dict(options or {})
+            if extra.pop("heads", False):
+                extra["heads"] = model
+            opt = mlfop.MLFOPSOAP(model.parameters(), streams=names, **common, **extra)
+            name = label or f"mlfop_fop_k{streams}"
         else:
             names = ()
             opt = mlfop.SOAP(model.parameters(), **common)
@@ -212,8 +248,10 @@ def build_contenders(base: nn.Module, args: argparse.Namespace) -> tuple[list[Co
     """One contender per selected optimizer, each on a deep copy of ``base``; plus notes."""
     contenders, notes = [], []
     for name in args.optimizers:
+        base_name, options = fop_options(name)
+        builder = BUILDERS[name] if name in BUILDERS else build_mlfop(int(base_name[-1]), options, name)
         try:
-            contenders.append(BUILDERS[name](copy.deepcopy(base), args))
+            contenders.append(builder(copy.deepcopy(base), args))
         except ModuleNotFoundError as err:
             if name not in OPTIONAL:
                 raise SystemExit(f"{name} is required but not importable ({err}); "
@@ -363,10 +401,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Interleaved step-time benchmark of mlfop.SOAP against AdamW, "
                     "pytorch_optimizer.SOAP and heavyball.SOAP on a small GPT (CPU).")
-    parser.add_argument("--optimizers", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
-                        help="contenders to run (default: all but mlfop_fop_k3; heavyball is "
-                             "skipped if missing)")
-    parser.add_argument("--baseline", choices=CONTENDERS, default="mlfop_soap",
+    parser.add_argument("--optimizers", nargs="+", type=contender_name, default=list(DEFAULT_CONTENDERS),
+                        help=f"contenders to run, from {CONTENDERS}; ML-FOP-SOAP ones may add "
+                             "+heads, +noshrink, +diag=off|global|block|head (default: all but "
+                             "mlfop_fop_k3; heavyball is skipped if missing)")
+    parser.add_argument("--baseline", type=contender_name, default="mlfop_soap",
                         help="contender the ratio columns divide by (default: mlfop_soap)")
     parser.add_argument("--d-model", type=int, help="model width (default 256)")
     parser.add_argument("--layers", type=int, help="transformer blocks (default 4)")

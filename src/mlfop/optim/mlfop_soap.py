@@ -217,24 +217,7 @@ class MLFOPSOAP(SOAP):
         self._last_diagnostics: dict[str, Any] = {}
         active_heads = self.head_layouts if "head" in self.levels else {}
         self._folds = StreamFolds(self.streams, track_norms=noise_shrinkage, head_layouts=active_heads)
-        config = FOPConfig(
-            lr=lr,
-            betas=betas,
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-            merge_dims=merge_dims,
-            precondition_1d=precondition_1d,
-            normalize_grads=normalize_grads,
-            correct_bias=correct_bias,
-            maximize=maximize,
-            nonfinite=nonfinite,
-            beta_max=beta_max,
-            eta_range=eta_range,
-            eps_fop=eps_fop,
-        )
+        config = FOPConfig.from_group(locals())  # the SOAP and FOP arguments, validated
         self._init_from_config(params, config)
 
     # ------------------------------------------------------------------------- folding

@@ -146,21 +146,8 @@ class SOAP(torch.optim.Optimizer):
         maximize: bool = False,
         nonfinite: str = "skip",
     ) -> None:
-        config = SOAPConfig(
-            lr=lr,
-            betas=betas,
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            weight_decay=weight_decay,
-            precondition_frequency=precondition_frequency,
-            max_precond_dim=max_precond_dim,
-            merge_dims=merge_dims,
-            precondition_1d=precondition_1d,
-            normalize_grads=normalize_grads,
-            correct_bias=correct_bias,
-            maximize=maximize,
-            nonfinite=nonfinite,
-        )
+        # Every argument but params is a config field: validated and flattened in one place.
+        config = SOAPConfig.from_group(locals())
         self._init_from_config(params, config)
 
     def _init_from_config(self, params: Iterable[Any], config: SOAPConfig) -> None:
