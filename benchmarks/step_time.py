@@ -44,8 +44,9 @@ from torch import nn
 CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2", "mlfop_fop_k3")
 DEFAULT_CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2")
 # ML-FOP-SOAP variants: "mlfop_fop_k2+heads" (head level on the detected attention heads),
-# "+diag=off|global|block|head" (diagnostics detail; default global), "+noshrink".
-FOP_OPTIONS = ("heads", "noshrink", "diag")
+# "+diag=off|global|block|head" (diagnostics detail; default global), "+noshrink",
+# "+sharedstats" (Kronecker factors from the shared component only).
+FOP_OPTIONS = ("heads", "noshrink", "sharedstats", "diag")
 LR = 3e-3
 BETAS = (0.95, 0.95)
 WEIGHT_DECAY = 0.01
@@ -191,6 +192,8 @@ def fop_options(name: str) -> tuple[str, dict[str, Any]]:
             kwargs["heads"] = True
         elif key == "noshrink":
             kwargs["noise_shrinkage"] = False
+        elif key == "sharedstats":
+            kwargs["stream_statistics"] = False
         elif key == "diag" and value:
             kwargs["diagnostics"] = value
         else:
@@ -203,7 +206,7 @@ def contender_name(text: str) -> str:
     base, _ = fop_options(text)
     if base not in CONTENDERS or (text != base and not base.startswith("mlfop_fop")):
         raise argparse.ArgumentTypeError(f"unknown contender {text!r}; choose from {CONTENDERS} "
-                                         f"(ML-FOP-SOAP ones may add +heads, +noshrink, +diag=LEVEL)")
+                                         f"(ML-FOP-SOAP ones may add +{', +'.join(FOP_OPTIONS)}=LEVEL)")
     return text
 
 
@@ -403,7 +406,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "pytorch_optimizer.SOAP and heavyball.SOAP on a small GPT (CPU).")
     parser.add_argument("--optimizers", nargs="+", type=contender_name, default=list(DEFAULT_CONTENDERS),
                         help=f"contenders to run, from {CONTENDERS}; ML-FOP-SOAP ones may add "
-                             "+heads, +noshrink, +diag=off|global|block|head (default: all but "
+                             "+heads, +noshrink, +sharedstats, +diag=off|global|block|head (default: all but "
                              "mlfop_fop_k3; heavyball is skipped if missing)")
     parser.add_argument("--baseline", type=contender_name, default="mlfop_soap",
                         help="contender the ratio columns divide by (default: mlfop_soap)")

@@ -398,3 +398,17 @@ def test_zero_gradient_lr0_step_after_folds_has_no_nan():
         opt.zero_grad()
     assert torch.equal(before, _flat(model))
     assert all(torch.isfinite(t).all() for s in opt.state.values() for t in s.values())
+
+
+def test_shared_statistics_give_soaps_factors_with_natural_weights():
+    """stream_statistics=False: the factors are those of the accumulated gradient (SOAP's).
+
+    Two calls: the first only initialises, so both runs see the same gradients twice.
+    """
+    _, soap = _train(lambda p: mlfop.SOAP(p), steps=2)
+    _, fop = _train(lambda p: mlfop.MLFOPSOAP(p, stream_statistics=False), fold="stream", steps=2)
+    _, streams = _train(lambda p: mlfop.MLFOPSOAP(p), fold="stream", steps=2)
+    for (p, a), b, c in zip(soap.state.items(), fop.state.values(), streams.state.values()):
+        if p.dim() == 2:
+            torch.testing.assert_close(b["factor_0"], a["factor_0"], rtol=1e-5, atol=1e-7)
+            assert not torch.allclose(c["factor_0"], a["factor_0"], rtol=1e-3)

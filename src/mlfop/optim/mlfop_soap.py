@@ -141,6 +141,9 @@ class MLFOPSOAP(SOAP):
             head counts (default: False).
         noise_shrinkage (bool): fade corrections that the micro-batch noise explains; costs a
             few elementwise passes per fold (default: True).
+        stream_statistics (bool): Kronecker factors from the streams, :math:`\sum_k w_k G_k G_k^\top`
+            (True), or from the shared component only, which saves K - 1 matrix products
+            per factor and step (False) (default: True).
         diagnostics (str): detail of :meth:`diagnostics`: ``"off"``, ``"global"``, ``"block"``
             or ``"head"`` (default: "global").
         process_group: group whose ranks fold data-parallel shares of the batch; ``None`` uses
@@ -158,6 +161,7 @@ class MLFOPSOAP(SOAP):
         "stream_norm_ema",
         "head_layouts",
         "noise_shrinkage",
+        "stream_statistics",
         "diagnostics_level",
         "_last_diagnostics",
         "_folds",
@@ -191,6 +195,7 @@ class MLFOPSOAP(SOAP):
         heads: Any = None,
         heads_strict: bool = False,
         noise_shrinkage: bool = True,
+        stream_statistics: bool = True,
         diagnostics: str = "global",
         process_group: Any = None,
     ) -> None:
@@ -205,8 +210,11 @@ class MLFOPSOAP(SOAP):
             raise ValueError("balance_beta must be below 1 (an EMA factor of 1 never updates the norms)")
         self.balance_alpha = float(balance_alpha)
         self.balance_beta = float(balance_beta)
-        if not isinstance(noise_shrinkage, bool) or not isinstance(heads_strict, bool):
-            raise TypeError("noise_shrinkage and heads_strict must be True or False")
+        for flag, value in (("noise_shrinkage", noise_shrinkage), ("heads_strict", heads_strict),
+                            ("stream_statistics", stream_statistics)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        self.stream_statistics = stream_statistics
         if diagnostics not in DETAIL_LEVELS:
             raise ValueError(f"diagnostics must be one of {DETAIL_LEVELS}, got {diagnostics!r}")
         self.noise_shrinkage = noise_shrinkage
@@ -476,7 +484,7 @@ class MLFOPSOAP(SOAP):
         streams = sums.reshape((len(present), *block_shape)) * coef.view(-1, *[1] * len(block_shape))
         state = self.state[param]
         if _awaits_first_call(state):
-            statistics = _weighted_statistics(streams, weights, preconditioned)
+            statistics = self._factor_statistics(streams, weights, preconditioned)
             self._init_state(config, param, layout, statistics, bool(streams.any()))
             return None
         exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
@@ -536,7 +544,7 @@ class MLFOPSOAP(SOAP):
             layout,
             momentum_input=momentum,
             second_moment_input=block.second_moment,
-            factor_statistics=_weighted_statistics(block.streams, weights, layout[1]),
+            factor_statistics=self._factor_statistics(block.streams, weights, layout[1]),
             update_scale=eta,
         )
         return record
@@ -597,6 +605,15 @@ class MLFOPSOAP(SOAP):
                 record["heads"] = head_records
         return momentum, eta, record
 
+    def _factor_statistics(self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...]) -> list[Tensor | None]:
+        r"""Kronecker statistics: :math:`\sum_k w_k G_{k(i)} G_{k(i)}^\top` from the streams, or,
+        with ``stream_statistics=False``, :math:`\bar G_{(i)} \bar G_{(i)}^\top` of the shared
+        component (SOAP's own statistic under the natural weights; K - 1 fewer products)."""
+        w = weights.to(dtype=streams.dtype, device=streams.device)
+        if not self.stream_statistics:
+            return kronecker_statistics(torch.tensordot(w, streams, dims=1), preconditioned)
+        return kronecker_statistics(streams * w.sqrt().view(-1, *[1] * (streams.dim() - 1)), preconditioned)
+
     def _update_stream_norms(self, present: list[int], norms_sq: Tensor) -> None:
         """EMA of each stream's global norm under the inverse metric (for ``"balanced"``)."""
         for k, norm_sq in zip(present, norms_sq.tolist()):
@@ -607,10 +624,6 @@ class MLFOPSOAP(SOAP):
             )
 
 
-def _weighted_statistics(streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...]) -> list[Tensor | None]:
-    r""":math:`\sum_k w_k G_{k(i)} G_{k(i)}^\top` for every rotated dimension."""
-    root = weights.sqrt().to(dtype=streams.dtype, device=streams.device)
-    return kronecker_statistics(streams * root.view(-1, *[1] * (streams.dim() - 1)), preconditioned)
 
 
 def _check_streams(streams: Iterable[str] | None) -> tuple[str, ...]:
