@@ -37,9 +37,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# Set before torch loads OpenMP: with the default active spin-wait, every parallel op stalls
+# while another process holds the second core (measured 4x slower steps on a shared 2-core
+# machine, shared/research/miniature-models-and-data.md §3.6). An explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2", "mlfop_fop_k3")
 DEFAULT_CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2")
@@ -501,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "times in ms, wall clock except the CPU column (process_time, all threads); "
               "amortised step = (1-1/f)·median + (1/f)·refresh mean; "
               "amortised full = amortised step + fwd+bwd median"]
-    header = (f"torch {torch.__version__} | threads {args.threads} | load average before "
+    header = (f"torch {torch.__version__} | threads {args.threads} | OMP_WAIT_POLICY "
+              f"{os.environ.get('OMP_WAIT_POLICY')} | load average before "
               f"{load_before}, after {load_average()} | {n_params:,} params | "
               f"command: `{command_line(argv)}`")
     print("\n" + header + "\n")

@@ -47,6 +47,8 @@ _HELP = {
     "weight_decay": "decoupled weight decay of every optimizer",
     "levels": "ML-FOP-SOAP levels, any of global layer head (ablation)",
     "stream_weights": "ML-FOP-SOAP stream weights: tokens, fixed or balanced",
+    "fold_tokens": "ML-FOP-SOAP: pass loss-token counts to fold() even when the objective weights streams "
+                   "by micro-batches (then a stream's folded gradient is no longer grad L_k)",
     "hidden": "trunk width",
     "layers": "trunk layers",
     "heads": "attention heads",
@@ -109,9 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 def _run_config(args: argparse.Namespace) -> RunConfig:
     """Defaults < config file < flags; validated. With --resume, the interrupted run's own config."""
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if getattr(args, f.name) is not None}
-    for name in ("lrs", "targets"):
-        if name in flags:
-            flags[name] = dict(flags[name])
+    for name, value in flags.items():
+        flags[name] = dict(value) if name in ("lrs", "targets") else tuple(value) if isinstance(value, list) else value
     if args.resume:
         extra = sorted(set(flags) - {"output"}) + (["config"] if args.config else [])
         if "output" not in flags or extra:
@@ -120,6 +121,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         check_output(Path(flags["output"]), resume=True)
         saved = RunFolder(partial_path(Path(flags["output"]))).read_json("config.json")
         values = {k: _from_json(v) for k, v in saved.items()}
+        values["output"] = flags["output"]  # the same folder, possibly named from another directory
         return RunConfig(**values).validate()
     values = load_config_file(args.config) if args.config else {}
     values.update(flags)

@@ -65,7 +65,8 @@ def shift_views(images: np.ndarray) -> np.ndarray:
 
 
 class DigitsData:
-    """Train views, test set and tokens for one run; draws the micro-batches of every step."""
+    """Train views, test set and their tokens (shared by every run of an invocation); draws the
+    micro-batches of any run's steps."""
 
     def __init__(self, train: Split, test: Split, tokenizer: ImageTokenizer, augment: bool) -> None:
         self.tokenizer = tokenizer
@@ -82,8 +83,9 @@ class DigitsData:
         self.train_images = train.images
 
     def micro_batch(self, seed: int, step: int, stream: str, index: int, size: int) -> Batch:
-        """Micro-batch ``index`` of ``stream`` at ``step`` of a run with ``seed``: ``size`` examples
-        drawn without replacement (a random shift view each when augmenting)."""
+        """Micro-batch ``index`` of ``stream`` at ``step`` of a run with ``seed``: ``size`` training
+        images drawn without replacement (each in a random shift view when augmenting), or ``size``
+        random text sentences; the micro-batches of a step are independent draws."""
         generator = torch.Generator().manual_seed(derived_seed(seed, step, _STREAM_IDS[stream], index))
         if stream == "text":
             chosen = torch.randint(len(TEXT_PAIRS), (size,), generator=generator)

@@ -59,23 +59,25 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
     torch.manual_seed(spec.seed)
     model = build_model(config.model, config.model_config, data.tokenizer.codes, data.tokenizer.tokens)
     params = model.trainable_parameters()
-    optimizer, route = build_optimizer(spec.optimizer, params, spec.lr, config)
+    optimizer, route = build_optimizer(spec.optimizer, model, spec.lr, config)
     warmup = max(1, round(config.warmup_fraction * config.steps))
     scheduler = LambdaLR(optimizer, partial(lr_factor, warmup=warmup, steps=config.steps,
                                             floor=config.min_lr_fraction))
     state = folder.load_checkpoint(spec.name) if resume else None
     if state is None:
-        step, clock, nonfinite, evals = 0, {"train_seconds": 0.0, "train_cpu_seconds": 0.0}, False, []
-        evals.append(_evaluate(model, data, config, spec, step, clock, folder))
+        step, clock, evals = 0, {"train_seconds": 0.0, "train_cpu_seconds": 0.0}, []
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, clock, nonfinite, evals = state["step"], state["clock"], False, state["evals"]
-        folder.discard_after(spec.name, step)
-    writer = folder.writer(spec.name, purge_step=step + 1 if state is not None else None)
+        step, clock, evals = state["step"], state["clock"], state["evals"]
+    # a killed attempt's records and events after the checkpoint (all of them without one) are redone
+    folder.discard_after(spec.name, step if state is not None else -1)
+    writer = folder.writer(spec.name, purge_step=step + 1 if state is not None else 0)
     if state is None:
+        evals.append(_evaluate(model, data, config, spec, step, clock, folder))
         _log(writer, "eval", evals[0])
+    nonfinite = False
     bar = tqdm(total=config.steps, initial=step, desc=spec.name, unit="step", dynamic_ncols=True)
     while step < config.steps and not nonfinite:
         started, cpu_started = time.perf_counter(), time.process_time()
@@ -114,11 +116,10 @@ def _step(model: TinyModel, data: DigitsData, plan: StepPlan, route, optimizer, 
         sums[stream] += float(nll.detach())
         counts[stream] += plan.tokens[stream]
     route.finish()
-    diagnostics = route.diagnostics()
-    diagnostics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
     optimizer.step()
     optimizer.zero_grad()
-    return {f"loss_{k}": sums[k] / counts[k] for k in sums}, diagnostics
+    return {f"loss_{k}": sums[k] / counts[k] for k in sums}, {"grad_norm": grad_norm, **route.diagnostics()}
 
 
 def _evaluate(model: TinyModel, data: DigitsData, config: RunConfig, spec: RunSpec, step: int,

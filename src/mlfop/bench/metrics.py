@@ -27,9 +27,10 @@ from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
 
 __all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
-           "run_flags", "STALL_MARGIN", "SMOOTHING"]
+           "run_flags", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
 
-STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is within this of its prior is stalled
+STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is not this far below its prior may be stalled
+STALL_ACCURACY = 0.2  # understanding must also be at most this accurate (chance is 0.1) to be stalled
 SMOOTHING = 0.5  # add-alpha smoothing of the independent sampler's counts
 
 
@@ -119,11 +120,14 @@ def time_to_targets(evals: list[dict], targets: dict[str, float]) -> dict[str, f
 
 def run_flags(evals: list[dict], refs: dict[str, float], nonfinite: bool) -> dict[str, bool]:
     """``diverged``: a non-finite training loss, or a held-out loss that ended above its start;
-    ``stalled_<task>``: the task's final held-out NLL within :data:`STALL_MARGIN` of its prior."""
+    ``stalled_gen``: the final generation NLL not :data:`STALL_MARGIN` below the unigram prior;
+    ``stalled_und``: the same for the answer NLL and the class prior, with an accuracy of at most
+    :data:`STALL_ACCURACY` (an accurate but over-confident model is not stuck at its prior)."""
     first, last = evals[0], evals[-1]
     grew = any(last[k] > first[k] for k in ("gen_nll", "und_nll") if k in last)
     return {
         "diverged": bool(nonfinite or grew),
         "stalled_gen": bool(not last["gen_nll"] < refs["gen_prior_nll"] - STALL_MARGIN),
-        "stalled_und": bool(not last["und_nll"] < refs["und_prior_nll"] - STALL_MARGIN),
+        "stalled_und": bool(not last["und_nll"] < refs["und_prior_nll"] - STALL_MARGIN
+                            and not last["und_acc"] > STALL_ACCURACY),
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 from mlfop.bench.config import BenchError
 from mlfop.bench.plots import plot_aggregate
 from mlfop.bench.runfolder import RunFolder
-from mlfop.bench.summary import aggregate, group_key, markdown_table
+from mlfop.bench.summary import aggregate, group_label, markdown_table, setting
 
 __all__ = ["check_report_input", "write_report"]
 
@@ -27,18 +27,17 @@ def check_report_input(directories: list[str], output: str) -> None:
 
 def write_report(directories: list[str], output: str) -> str:
     """Write ``report.md`` and ``curves.png`` into ``output`` (atomically); returns the markdown."""
-    folders = [RunFolder(Path(d)) for d in directories]
-    finals = [r for f in folders for r in f.records("final")]
-    targets: dict[str, float] = {}
-    for folder in folders:
-        targets.update(folder.read_json("config.json")["targets"])
-    table = markdown_table(aggregate(finals), targets)
+    finals, targets = [], {}
     curves: dict[str, list[list[dict]]] = defaultdict(list)
-    for folder in folders:
+    for folder in (RunFolder(Path(d)) for d in directories):
+        config = folder.read_json("config.json")
+        targets.update(config["targets"])
         evals = folder.records("eval")
         for final in folder.records("final"):
-            label = " ".join(str(v) for v in group_key(final))
-            curves[label].append([r for r in evals if r["run"] == final["run"]])
+            finals.append({**final, "setting": setting(config)})
+            curves[group_label(finals[-1])].append([r for r in evals if r["run"] == final["run"]])
+    rows = aggregate(finals)
+    table = markdown_table(rows, targets)
     markdown = "\n".join([
         "# mlfop-bench report",
         "",

@@ -47,13 +47,19 @@ class RunFolder:
             handle.write(json.dumps(_finite(record), sort_keys=True) + "\n")
 
     def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """The records (of ``kind``), in order; a last line cut short by a kill is ignored."""
         if not self.metrics.exists():
             return []
-        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        text = self.metrics.read_text()
+        lines = text.splitlines()
+        if lines and not text.endswith("\n"):
+            lines.pop()
+        rows = [json.loads(line) for line in lines if line]
         return [r for r in rows if kind is None or r["kind"] == kind]
 
     def discard_after(self, run: str, step: int) -> None:
-        """Drop the records ``run`` wrote after its checkpoint at ``step`` (it will redo them)."""
+        """Drop the records ``run`` wrote after its checkpoint at ``step`` (it will redo them; a step
+        of -1 drops them all)."""
         kept = [r for r in self.records() if r["run"] != run or (r["kind"] != "final" and r["step"] <= step)]
         tmp = self.metrics.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))

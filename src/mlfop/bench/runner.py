@@ -21,7 +21,7 @@ from mlfop.bench.models import build_model
 from mlfop.bench.objective import make_plan
 from mlfop.bench.plots import plot_losses, plot_samples
 from mlfop.bench.runfolder import RunFolder
-from mlfop.bench.summary import aggregate, markdown_table
+from mlfop.bench.summary import aggregate, markdown_table, setting
 from mlfop.bench.tokenizers import load_tokenizer, make_tokenizer
 
 __all__ = ["run_benchmark", "run_specs"]
@@ -55,12 +55,14 @@ def run_benchmark(config: RunConfig, resume: bool = False) -> str:
     for spec in run_specs(config):
         if spec.name not in finished:
             train(spec, config, data, plan, refs, folder, resume)
-    table = markdown_table(aggregate(folder.records("final")), config.targets)
+    finals = [{**r, "setting": setting(config.to_dict())} for r in folder.records("final")]
+    table = markdown_table(aggregate(finals), config.targets)
     _write_figures(folder, refs)
     _write_summary(folder, config, refs, table)
     folder.remove_checkpoints()
     os.replace(folder.root, output)
     print(table)
+    print(_reference_line(refs))
     print(f"\nrun folder: {output}")
     return table
 
@@ -74,7 +76,14 @@ def _print_header(config: RunConfig, data: DigitsData, refs: dict[str, float]) -
     print(f"step: batch {config.batch} = micro-batches of {config.micro_batch}: "
           + ", ".join(f"{n} x {k}" for k, n in config.micro_batches().items())
           + f"; {config.threads} thread(s)")
-    print("references: " + ", ".join(f"{k} {v:.3f}" for k, v in refs.items()))
+    print(_reference_line(refs))
+
+
+def _reference_line(refs: dict[str, float]) -> str:
+    line = (f"Lines to beat: gen NLL of the independent sampler {refs['independent_sampler_nll']:.3f} "
+            f"(unigram prior {refs['gen_prior_nll']:.3f}, ln K {refs['ln_codes']:.3f}); answer NLL prior "
+            f"{refs['und_prior_nll']:.3f}")
+    return line + (f"; FD noise floor {refs['fd_noise_floor']:.1f}." if "fd_noise_floor" in refs else ".")
 
 
 def _write_figures(folder: RunFolder, refs: dict[str, float]) -> None:
@@ -91,9 +100,8 @@ def _write_summary(folder: RunFolder, config: RunConfig, refs: dict[str, float],
         f"Batch {config.batch} (micro-batches of {config.micro_batch}), {config.steps} steps, seeds "
         f"{list(config.seeds)}, {config.threads} thread(s). Full configuration: `config.json`.",
         "",
-        "Reference lines: " + ", ".join(f"{k} = {v:.3f}" for k, v in refs.items()) + ".",
-        "The independent sampler (no dependency between codes) is the line the generation NLL must beat; "
-        "the FD noise floor is the distance of real training images to the test images.",
+        _reference_line(refs) + " The independent sampler models no dependency between codes; the FD noise "
+        "floor is the distance of as many real training images to the test images.",
         "",
         table,
         "",

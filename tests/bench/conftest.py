@@ -1,0 +1,1 @@
+"""The bench tests need the ``bench`` extra, which the ``test`` extra installs."""

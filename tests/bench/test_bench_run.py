@@ -1,0 +1,134 @@
+"""End-to-end runs of ``mlfop-bench``: smoke per model and optimizer, determinism, resume, report."""
+
+import json
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import mlfop.bench.loop
+from mlfop.bench.cli import main
+from mlfop.bench.tokenizers import load_tokenizer
+
+TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64", "--batch", "32", "--micro-batch", "8",
+        "--steps", "8", "--eval-every", "4", "--samples", "100", "--threads", "1"]
+LRS = ["--lrs", "adamw=1e-2", "--lrs", "upgrad=1e-2", "--lrs", "soap=1e-2", "--lrs", "mlfop=1e-2"]
+TIMING = ("train_seconds", "train_cpu_seconds", "seconds_per_step")
+
+
+def _records(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("seconds_to_")} for r in records]
+
+
+def _check_folder(folder, optimizers, streams, out):
+    assert folder.is_dir() and not folder.with_name(folder.name + ".partial").exists()
+    assert not (folder / "checkpoints").exists()
+    config = json.loads((folder / "config.json").read_text())
+    load_tokenizer(folder / "tokenizer.npz").decode(np.zeros((1, 16 if config["tokenizer"] == "km64" else 64), int))
+    assert "independent_sampler_nll" in json.loads((folder / "references.json").read_text())
+    records = _records(folder)
+    finals = [r for r in records if r["kind"] == "final"]
+    assert sorted(r["optimizer"] for r in finals) == sorted(optimizers)
+    for final in finals:
+        run = final["run"]
+        train = [r for r in records if r["run"] == run and r["kind"] == "train"]
+        evals = [r for r in records if r["run"] == run and r["kind"] == "eval"]
+        assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in evals] == [0, 4, 8]
+        for stream in streams:
+            losses = [r[f"loss_{stream}"] for r in train]
+            assert all(math.isfinite(v) for v in losses)
+            assert np.mean(losses[-2:]) < losses[0], (run, stream, losses)
+        assert evals[-1]["gen_nll"] < evals[0]["gen_nll"] and evals[-1]["und_nll"] < evals[0]["und_nll"], run
+        assert not final["diverged"]
+        assert math.isfinite(final["fd"])
+        scalars = EventAccumulator(str(folder / "tensorboard" / run)).Reload().Tags()["scalars"]
+        assert {"train/grad_norm", "eval/gen_nll", *(f"train/loss_{s}" for s in streams)} <= set(scalars)
+        assert matplotlib.image.imread(folder / f"samples_{run}.png").ndim == 3
+        assert np.load(folder / "samples" / f"{run}.npy").shape == (100, 8, 8)
+        assert f"| {final['optimizer']} |" in out
+    assert matplotlib.image.imread(folder / "losses.png").ndim == 3
+    summary = (folder / "summary.md").read_text()
+    assert "| optimizer |" in summary and "losses.png" in summary
+    assert "| optimizer |" in out and "steps→target" in out
+    return records
+
+
+def test_smoke_emu3_every_optimizer(tmp_path, capsys):
+    optimizers = ["adamw", "soap", "mlfop", "upgrad"]
+    assert main(["run", *TINY, *LRS, "--model", "emu3", "--tokenizer", "km64", "--optimizers", *optimizers,
+                 "--output", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "274,112" not in out and "trainable parameters" in out
+    records = _check_folder(tmp_path / "run", optimizers, ("gen", "und"), out)
+    mlfop_train = [r for r in records if r["kind"] == "train" and r["run"].startswith("mlfop")]
+    assert all(abs(r["weights_gen"] + r["weights_und"] - 1) < 1e-9 for r in mlfop_train[1:])
+
+
+def test_smoke_janus_three_streams(tmp_path, capsys):
+    optimizers = ["adamw", "soap", "mlfop", "upgrad"]
+    assert main(["run", *TINY, *LRS, "--model", "janus", "--tokenizer", "pix8", "--text-stream", "--batch", "48",
+                 "--optimizers", *optimizers, "--output", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "frozen (VQ model" in out
+    records = _check_folder(tmp_path / "run", optimizers, ("gen", "und", "text"), out)
+    mlfop_train = [r for r in records if r["kind"] == "train" and r["run"].startswith("mlfop")]
+    assert all({"weights_gen", "weights_und", "weights_text", "conflict_fraction"} <= set(r) for r in mlfop_train[1:])
+    assert all("text_nll" in r for r in records if r["kind"] == "eval")
+
+
+RESUME = [*TINY, "--model", "emu3", "--tokenizer", "pix8", "--optimizers", "adamw", "mlfop"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference") / "run"
+    assert main(["run", *RESUME, "--output", str(folder)]) == 0
+    return folder
+
+
+def test_same_seed_same_metrics(reference_run, tmp_path):
+    assert main(["run", *RESUME, "--output", str(tmp_path / "again")]) == 0
+    assert _without_timing(_records(tmp_path / "again")) == _without_timing(_records(reference_run))
+
+
+def test_other_seed_other_metrics(reference_run, tmp_path):
+    assert main(["run", *RESUME, "--seeds", "1", "--optimizers", "adamw", "--output", str(tmp_path / "s1")]) == 0
+    first = lambda records: next(r for r in records if r["kind"] == "train")  # noqa: E731
+    assert first(_records(tmp_path / "s1"))["loss_gen"] != first(_records(reference_run))["loss_gen"]
+
+
+@pytest.mark.parametrize("killed_at", [2, 6])  # mlfop's step 2 (no checkpoint yet) or 6 (one at 4)
+def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_step = mlfop.bench.loop._step
+
+    def killed(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 8 + killed_at:  # after adamw's 8 steps
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(mlfop.bench.loop, "_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", *RESUME, "--output", str(tmp_path / "run")])
+    monkeypatch.setattr(mlfop.bench.loop, "_step", real_step)
+    assert not (tmp_path / "run").exists() and (tmp_path / "run.partial" / "metrics.jsonl").is_file()
+    assert main(["run", "--resume", "--output", str(tmp_path / "run")]) == 0
+    assert _without_timing(_records(tmp_path / "run")) == _without_timing(_records(reference_run))
+    assert not (tmp_path / "run.partial").exists()
+    steps = EventAccumulator(str(tmp_path / "run" / "tensorboard" / "mlfop-lr0.01-s0")).Reload().Scalars("train/lr")
+    assert [event.step for event in steps] == list(range(1, 9))
+
+
+def test_report_aggregates_folders(reference_run, tmp_path, capsys):
+    assert main(["report", str(reference_run), str(reference_run), "--output", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert markdown in capsys.readouterr().out
+    assert "| mlfop |" in markdown and " ± " in markdown and "| 2 |" in markdown
+    assert matplotlib.image.imread(tmp_path / "report" / "curves.png").ndim == 3
