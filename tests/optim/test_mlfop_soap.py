@@ -125,9 +125,10 @@ def test_renaming_reordering_streams_and_fold_order_change_only_rounding(count):
     backwards, _ = _train(
         lambda p: mlfop.MLFOPSOAP(p, streams=names), fold="stream", count=count, steps=24, order=list(range(count))[::-1]
     )
-    for other in (reordered, renamed, backwards):
-        assert _relative(other, reference) < 1e-4
+    gaps = [_relative(other, reference) for other in (reordered, renamed, backwards)]
     soap, _ = _train(lambda p: mlfop.SOAP(p), count=count, steps=24)
+    print(f"K={len(names)}: reordered/renamed/reversed folds {gaps}, vs SOAP {_relative(reference, soap):.3g}")
+    assert max(gaps) < 1e-4
     assert _relative(reference, soap) > 1e-2  # the symmetry above is not the trivial one
 
 
