@@ -44,13 +44,13 @@ already been imported by the caller.
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
+from mlfop._warnings import warn_at_caller
 from mlfop.functional.heads import check_head_layout
 
 __all__ = ["HeadLayout", "resolve_head_layouts", "detect_head_layouts"]
@@ -248,18 +248,7 @@ def _report(unresolved: list[_Unresolved], strict: bool) -> None:
     )
     if strict:
         raise ValueError(message)
-    warnings.warn(message, UserWarning, stacklevel=_caller_stacklevel())
-
-
-def _caller_stacklevel() -> int:
-    """Stack level of the first frame outside mlfop and torch (the user's call)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        name = frame.f_globals.get("__name__", "")
-        if not (name in ("mlfop", "torch") or name.startswith(("mlfop.", "torch."))):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
+    warn_at_caller(message, UserWarning)
 
 
 def _conv1d_class() -> type | None:

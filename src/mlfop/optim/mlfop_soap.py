@@ -565,7 +565,8 @@ class MLFOPSOAP(SOAP):
         streams = split_heads(block.streams.reshape(k, *param.shape), num_heads, axis, leading=1)
         momentum = torch.zeros_like(block.rotated[0])
         # Plain inner products need no rotation: one contraction for all heads.
-        grams_e = head_gram(block.streams.reshape(k, *param.shape), block.streams.reshape(k, *param.shape), num_heads, axis)
+        flat = block.streams.reshape(k, *param.shape)
+        grams_e = head_gram(flat, flat, num_heads, axis) if block.gram_e is not None else None
         coefficients_norm = []
         head_records: dict[str, Any] = {}
         for h in range(num_heads):
@@ -575,7 +576,7 @@ class MLFOPSOAP(SOAP):
             gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
             system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
             beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.shared_norm)
-            gram_e = grams_e[h] if block.gram_e is not None else None
+            gram_e = None if grams_e is None else grams_e[h]
             sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
             rho, noise_fraction = self._shrink(sigma, gram_e, weights)
             beta = beta_raw * rho

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Iterable
 from itertools import chain
 from typing import Any, Callable
@@ -11,6 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from mlfop._warnings import warn_at_caller
 from mlfop.functional.rotation import block_layout, kronecker_statistics, rotate
 from mlfop.functional.soap import ema_factors_, first_eigenbasis, soap_block_update_
 from mlfop.optim.config import SOAPConfig
@@ -272,11 +271,10 @@ class SOAP(torch.optim.Optimizer):
                 f"Lower the learning rate or use a GradScaler, or pass nonfinite='skip' to skip such steps."
             )
         self.skipped_steps += 1
-        warnings.warn(
+        warn_at_caller(
             f"{type(self).__name__} skipped a step: {where}; parameters and state are unchanged "
             f"({self.skipped_steps} step(s) skipped so far). Pass nonfinite='raise' to raise instead.",
             RuntimeWarning,
-            stacklevel=_caller_stacklevel(),
         )
         return False
 
@@ -381,18 +379,6 @@ class SOAP(torch.optim.Optimizer):
                 basis = torch.eye(factor.shape[0], dtype=dtype, device=param.device)
             state[f"factor_{i}"] = factor
             state[f"basis_{i}"] = basis
-
-
-def _caller_stacklevel() -> int:
-    """``stacklevel`` for a warning raised in here that points at the first frame outside
-    mlfop and torch (the user's ``optimizer.step()`` or ``scaler.step(optimizer)``)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if not (module.startswith(("mlfop.", "torch.")) or module in ("mlfop", "torch", "contextlib")):
-            return level
-        frame, level = frame.f_back, level + 1
-    return 1
 
 
 def _awaits_first_call(state: dict[str, Any]) -> bool:
