@@ -170,13 +170,18 @@ def test_diagnostics_equal_direct_computations():
     global_only = mlfop.MLFOPSOAP(model.parameters(), diagnostics="global")
     off = mlfop.MLFOPSOAP(model.parameters(), diagnostics="off")
     for o in (global_only, off):
-        model(torch.ones(2, 8)).sum().backward()
-        o.fold("image")
-        model(-torch.ones(2, 8)).sum().backward()
-        o.fold("text")
-        o.step()
-        o.step()  # plain SOAP steps: the diagnostics of the last combined step stay
-    assert "blocks" not in global_only.diagnostics() and off.diagnostics() == {}
+        for _ in range(2):  # the first call only initialises
+            model(torch.ones(2, 8)).sum().backward()
+            o.fold("image")
+            model(-torch.ones(2, 8)).sum().backward()
+            o.fold("text")
+            o.step()
+            o.zero_grad()
+    assert set(global_only.diagnostics()) == {"streams", "weights", "norms_hinv", "norms", "conflict_fraction", "global"}
+    assert off.diagnostics() == {}
+    model(torch.ones(2, 8)).sum().backward()
+    global_only.step()  # a step without folds is plain SOAP: no heterogeneity to report
+    assert global_only.diagnostics() == {}
 
 
 def test_sinks_write_files_that_read_back(tmp_path):

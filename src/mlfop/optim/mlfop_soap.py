@@ -311,6 +311,7 @@ class MLFOPSOAP(SOAP):
     # ---------------------------------------------------------------------------- step
     def _step_gradients(self) -> None:
         folds = self._folds
+        self._last_diagnostics = {}
         if not folds.active:
             super()._step_gradients()
             return
@@ -413,11 +414,10 @@ class MLFOPSOAP(SOAP):
                 d_global += block.system.d
                 e_global += block.system.e
                 shared_global += block.system.shared_norm
-                if block.gram_e is not None:
-                    gram_e_global += block.gram_e
                 if block.sigma_sq is not None:
                     sigma_global += block.sigma_sq.sum(1)
             if block.gram_e is not None:
+                gram_e_global += block.gram_e
                 counted += 1
                 conflicting += conflicts(block.gram_e)
             if (use_layer or block.param in self._folds.head_layouts) and param.dim() >= 2:
