@@ -1,0 +1,362 @@
+"""Hugging Face ``transformers.Trainer`` with ML-FOP-SOAP's per-stream folding.
+
+A user's script changes in two places: ``Trainer`` becomes :class:`MLFOPTrainer`, and each
+example carries its stream in a column (``"stream"`` by default)::
+
+    from mlfop.integrations.transformers import MLFOPTrainer
+
+    trainer = MLFOPTrainer(
+        model=model, args=TrainingArguments(..., weight_decay=0.1), train_dataset=dataset,
+        optimizer_kwargs={"streams": ("image", "text")},
+    )
+    trainer.train()
+
+What :class:`MLFOPTrainer` does:
+
+- **Optimizer**: it builds :class:`mlfop.MLFOPSOAP` from ``TrainingArguments``:
+  ``learning_rate``, ``adam_beta1``/``adam_beta2`` (``betas``), ``adam_epsilon`` (``eps``),
+  and ``weight_decay`` on Trainer's usual decay group (biases and norms get 0). The other
+  arguments of the optimizer (``streams``, ``levels``, ``heads``, ...) go in
+  ``optimizer_kwargs``. A value given both ways is an error, so nothing is silently
+  overridden. ``args.optim`` is not used.
+- **Streams**: every micro-batch must come from one stream. The collator is wrapped in
+  :class:`StreamCollator`, which takes the column out of the examples before the wrapped
+  collator runs (the default collator drops strings) and puts one value back per batch. The
+  stream column is also kept when ``remove_unused_columns=True``. Values are stream names,
+  integer ids into the optimizer's ``streams``, or keys of ``stream_names``.
+- **Folding**: :meth:`MLFOPTrainer.training_step` takes the column out before the forward,
+  runs Trainer's own forward and backward, and then calls ``optimizer.fold(stream, tokens=n)``.
+  ``n`` is the micro-batch's loss-token count: labels other than -100, after the causal shift,
+  which is the count Trainer sums into ``num_items_in_batch``. When Trainer does not normalise
+  the loss by tokens (``num_items_in_batch`` is ``None``), the fold gets no count and the
+  streams are weighted by micro-batches. The fold comes before Trainer's gradient clipping,
+  and ``p.grad`` keeps the total, so clipping and the logged ``grad_norm`` work as usual
+  (clipping is a global rescale, which ``step()`` accepts). ``bf16=True`` is tested on CPU;
+  fp16 with a GradScaler relies on the same ``p.grad`` total but is not tested here.
+- **Checkpoints**: Trainer's own ``save_steps`` and ``resume_from_checkpoint`` work. The
+  optimizer is saved after its step, and a skipped step (non-finite gradients) still ends
+  the accumulation, so the next save is not refused.
+
+Importing this module imports ``transformers``. ``import mlfop`` never imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Integral
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, default_data_collator
+
+from mlfop.folding import UNTAGGED_STREAMS
+from mlfop.optim.mlfop_soap import MLFOPSOAP
+
+__all__ = ["MLFOPTrainer", "StreamCollator"]
+
+# Optimizer arguments that TrainingArguments owns: optimizer keyword -> TrainingArguments field(s).
+_FROM_TRAINING_ARGUMENTS = {
+    "lr": "learning_rate",
+    "betas": "adam_beta1 / adam_beta2",
+    "eps": "adam_epsilon",
+    "weight_decay": "weight_decay",
+}
+
+
+def _plain(value: Any) -> Any:
+    """A stream value as a plain Python object (a 0-d tensor or numpy scalar becomes its item)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"a stream value must be a single name or id, got a tensor of shape {tuple(value.shape)}")
+        return value.item()
+    item = getattr(value, "item", None)
+    if callable(item) and not isinstance(value, (str, bytes)):
+        try:
+            return item()
+        except (TypeError, ValueError):
+            pass
+    return value
+
+
+def _single_value(values: Any, column: str) -> Any:
+    """The one stream of a micro-batch's column: a value, a list of values or a 1-D tensor."""
+    if isinstance(values, torch.Tensor):
+        items = values.reshape(-1).tolist()
+    elif isinstance(values, (list, tuple)):
+        items = [_plain(v) for v in values]
+    else:
+        items = [_plain(values)]
+    if not items:
+        raise ValueError(f"the {column!r} column of a micro-batch is empty")
+    distinct = list(dict.fromkeys(items))
+    if len(distinct) > 1:
+        raise ValueError(
+            f"a micro-batch mixes the streams {distinct} in its {column!r} column; each micro-batch "
+            f"must come from one stream (build the batches per stream, e.g. order or group the "
+            f"dataset by {column!r} so that every per_device_train_batch_size examples share one)"
+        )
+    return distinct[0]
+
+
+class StreamCollator:
+    """Wraps a data collator so that the stream column reaches the batch as one value.
+
+    The column is taken out of each example before ``collator`` runs (padding collators and
+    ``default_data_collator`` cannot handle, or drop, a string column), and the batch gets
+    ``batch[column] = value`` when all its examples agree, else the list of their values
+    (fine for evaluation; :class:`MLFOPTrainer` refuses it in training). Examples without
+    the column pass through unchanged; a batch where only some examples have it is an error.
+
+    Args:
+        collator: the collator to wrap (default: ``transformers.default_data_collator``).
+        column: name of the stream column (default: ``"stream"``).
+    """
+
+    def __init__(self, collator: Callable[[list[Any]], Any] | None = None, column: str = "stream") -> None:
+        if not isinstance(column, str) or not column:
+            raise TypeError(f"column must be a non-empty string, got {column!r}")
+        self.collator = default_data_collator if collator is None else collator
+        self.column = column
+
+    def __call__(self, features: list[Any]) -> Any:
+        values, rest = [], []
+        for feature in features:
+            if isinstance(feature, Mapping) and self.column in feature:
+                values.append(feature[self.column])
+                rest.append({key: value for key, value in feature.items() if key != self.column})
+            else:
+                rest.append(feature)
+        batch = self.collator(rest)
+        if values:
+            if len(values) != len(features):
+                raise ValueError(
+                    f"{len(features) - len(values)} of the {len(features)} examples of a batch have no "
+                    f"{self.column!r} column; give every example its stream"
+                )
+            plain = [_plain(value) for value in values]
+            same = all(value == plain[0] for value in plain[1:])
+            batch[self.column] = plain[0] if same else plain  # a mixed batch is refused in training only
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.collator!r}, column={self.column!r})"
+
+
+class _EndAccumulation(TrainerCallback):
+    """Ends each accumulation in the optimizer, also when the step was skipped.
+
+    ``MLFOPSOAP.step()`` forgets the folds after a step it took; a step it refused
+    (non-finite gradients) or that a GradScaler did not call leaves them, and the next
+    checkpoint save would be refused. At ``on_step_end`` Trainer has already zeroed the
+    gradients, so the optimizer's ``zero_grad()`` only forgets the folds.
+    """
+
+    def __init__(self, trainer: MLFOPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        optimizer = self.trainer.mlfop_optimizer(required=False)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+
+
+class MLFOPTrainer(Trainer):
+    """``transformers.Trainer`` that folds each micro-batch into its stream of :class:`mlfop.MLFOPSOAP`.
+
+    Takes every argument of ``Trainer`` (keep ``optimizer_cls_and_kwargs`` out: use
+    ``optimizer_cls`` and ``optimizer_kwargs``), plus, keyword-only:
+
+    Args:
+        stream_column (str or None): the batch column that names each micro-batch's stream
+            (default: ``"stream"``). ``None`` makes an untagged run: nothing is read, and
+            micro-batches alternate between the two sub-batch streams of an optimizer built
+            with ``streams=None`` (the default ``streams`` then becomes ``None``).
+        stream_names (Mapping or Sequence or None): maps the column's values to the
+            optimizer's stream names: ``{value: name}``, or a sequence indexed by integer ids.
+            ``None``: values are names, or integer ids into the optimizer's ``streams``.
+        optimizer_kwargs (Mapping or None): more arguments of the optimizer, such as
+            ``streams``, ``levels``, ``stream_weights``, ``heads`` (pass the model for head
+            detection), ``precondition_frequency``. ``lr``, ``betas``, ``eps`` and
+            ``weight_decay`` come from ``TrainingArguments`` and are refused here.
+        optimizer_cls (type): the optimizer class, :class:`mlfop.MLFOPSOAP` or a subclass
+            (default: ``MLFOPSOAP``).
+
+    An optimizer passed through ``optimizers=(optimizer, scheduler)`` is used as given; it
+    must have ``fold()``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        stream_column: str | None = "stream",
+        stream_names: Mapping[Any, str] | Sequence[str] | None = None,
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        optimizer_cls: type = MLFOPSOAP,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError(
+                "MLFOPTrainer builds its optimizer from TrainingArguments (learning_rate, adam_beta1/2, "
+                "adam_epsilon, weight_decay with Trainer's decay/no-decay groups); pass the other "
+                "optimizer arguments as optimizer_kwargs={...} (and a subclass as optimizer_cls) "
+                "instead of optimizer_cls_and_kwargs, whose param groups would override weight_decay"
+            )
+        if stream_column is not None and (not isinstance(stream_column, str) or not stream_column):
+            raise TypeError(f"stream_column must be a non-empty string or None, got {stream_column!r}")
+        if stream_names is not None and (
+            isinstance(stream_names, str) or not isinstance(stream_names, (Mapping, Sequence))
+        ):
+            raise TypeError(
+                f"stream_names must be a mapping {{value: name}} or a sequence of names, got {stream_names!r}"
+            )
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, MLFOPSOAP)):
+            raise TypeError(f"optimizer_cls must be mlfop.MLFOPSOAP or a subclass, got {optimizer_cls!r}")
+        given = dict(optimizer_kwargs or {})
+        owned = [key for key in given if key in _FROM_TRAINING_ARGUMENTS]
+        if owned:
+            fields = ", ".join(f"{key} -> TrainingArguments.{_FROM_TRAINING_ARGUMENTS[key]}" for key in owned)
+            raise ValueError(
+                f"optimizer_kwargs must not set {owned}: MLFOPTrainer takes them from TrainingArguments "
+                f"({fields}) so that nothing is silently overridden"
+            )
+        if "params" in given:
+            raise ValueError(
+                "optimizer_kwargs must not set 'params': MLFOPTrainer groups the model's parameters itself"
+            )
+        if stream_column is None:
+            given.setdefault("streams", None)
+        optimizers = kwargs.get("optimizers", (None, None))
+        if optimizer_kwargs and optimizers is not None and optimizers[0] is not None:
+            raise ValueError("optimizer_kwargs would be ignored: an optimizer was passed through optimizers=(...)")
+        self.stream_column = stream_column
+        self.stream_names = stream_names
+        self.mlfop_optimizer_kwargs = given
+        self.mlfop_optimizer_cls = optimizer_cls
+        super().__init__(*args, **kwargs)
+        if self.args.remove_unused_columns and stream_column is not None and not hasattr(
+            Trainer, "_set_signature_columns_if_needed"
+        ):
+            raise ValueError(
+                f"this transformers version would drop the {stream_column!r} column: set "
+                f"TrainingArguments(remove_unused_columns=False)"
+            )
+        if stream_column is not None and not (
+            isinstance(self.data_collator, StreamCollator) and self.data_collator.column == stream_column
+        ):
+            self.data_collator = StreamCollator(self.data_collator, stream_column)
+        self.add_callback(_EndAccumulation(self))
+
+    # ----------------------------------------------------------------------- columns
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer's list of the columns to keep, plus the stream column."""
+        super()._set_signature_columns_if_needed()
+        columns = getattr(self, "_signature_columns", None)
+        if self.stream_column is not None and columns is not None and self.stream_column not in columns:
+            columns.append(self.stream_column)
+
+    def _without_stream(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        return {key: value for key, value in inputs.items() if key != self.stream_column}
+
+    # --------------------------------------------------------------------- optimizer
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build the optimizer from ``TrainingArguments`` and ``optimizer_kwargs`` (once)."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            trainable = [(name, p) for name, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [(n, p) for n, p in trainable if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [(n, p) for n, p in trainable if n not in decay], "weight_decay": 0.0},
+            ]
+            self.optimizer = self.mlfop_optimizer_cls(
+                [group for group in groups if group["params"]],
+                lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                eps=self.args.adam_epsilon,
+                **self.mlfop_optimizer_kwargs,
+            )
+        return self.optimizer
+
+    def mlfop_optimizer(self, required: bool = True) -> MLFOPSOAP | None:
+        """The optimizer with ``fold()`` inside Trainer's wrappers (accelerate's ``AcceleratedOptimizer``)."""
+        optimizer = self.optimizer
+        while optimizer is not None and not hasattr(optimizer, "fold") and hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer
+        if optimizer is None or not hasattr(optimizer, "fold"):
+            if required:
+                raise TypeError(
+                    f"MLFOPTrainer needs an optimizer with fold() such as mlfop.MLFOPSOAP, got "
+                    f"{type(optimizer).__name__}; let MLFOPTrainer build it or pass one through optimizers=(...)"
+                )
+            return None
+        return optimizer
+
+    # ---------------------------------------------------------------------- training
+    def training_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """Trainer's forward and backward of one micro-batch, then the fold into its stream."""
+        optimizer = self.mlfop_optimizer()
+        stream = self._stream_of(inputs, optimizer)
+        if self.stream_column is not None:
+            inputs = self._without_stream(inputs)
+        tokens = None if num_items_in_batch is None else self._loss_tokens(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if tokens is None or tokens > 0:  # no loss token: this micro-batch added exactly nothing
+            optimizer.fold(stream, tokens=tokens)
+        return loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Trainer's evaluation step, without the stream column."""
+        if self.stream_column is not None:
+            inputs = self._without_stream(inputs)
+        return super().prediction_step(model, inputs, *args, **kwargs)
+
+    def _stream_of(self, inputs: Mapping[str, Any], optimizer: MLFOPSOAP) -> str | None:
+        """The optimizer's stream name for this micro-batch (``None`` in an untagged run)."""
+        names = tuple(optimizer.streams)
+        column = self.stream_column
+        if column is None or (column not in inputs and names == UNTAGGED_STREAMS):
+            return None
+        if column not in inputs:
+            raise KeyError(
+                f"MLFOPTrainer: the micro-batch has no {column!r} column (it has {sorted(inputs)}); every "
+                f"example of a run with streams {list(names)} needs its stream in the {column!r} column "
+                f"(or set stream_column= to the column that has it)"
+            )
+        value = _single_value(inputs[column], column)
+        if self.stream_names is not None:
+            try:
+                name = self.stream_names[value]
+            except (KeyError, IndexError, TypeError):
+                raise ValueError(
+                    f"the {column!r} value {value!r} is not in stream_names {self.stream_names!r}"
+                ) from None
+        elif isinstance(value, str):
+            name = value
+        elif isinstance(value, Integral) and not isinstance(value, bool):
+            if not 0 <= value < len(names):
+                raise ValueError(f"the {column!r} id {value} is out of range for the streams {list(names)}")
+            name = names[value]
+        else:
+            raise TypeError(f"the {column!r} column must hold stream names or integer ids, got {value!r}")
+        if name not in names:
+            raise ValueError(f"the {column!r} value {value!r} names the stream {name!r}, not one of {list(names)}")
+        return name
+
+    def _loss_tokens(self, inputs: Mapping[str, Any]) -> int | None:
+        """Loss tokens of the micro-batch, counted as Trainer counts ``num_items_in_batch``."""
+        if "shift_labels" in inputs:
+            labels = inputs["shift_labels"]
+        elif "labels" in inputs:
+            labels = inputs["labels"]
+            if getattr(self, "_loss_shifts_labels", True) and isinstance(labels, torch.Tensor):
+                labels = labels[..., 1:]
+        else:
+            return None
+        if not isinstance(labels, torch.Tensor):
+            return None
+        return int(labels.ne(-100).sum())
