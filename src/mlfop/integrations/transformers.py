@@ -43,13 +43,13 @@ Importing this module imports ``transformers``. ``import mlfop`` never imports t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from numbers import Integral
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
 
 from mlfop.folding import UNTAGGED_STREAMS
+from mlfop.integrations._common import check_stream_names, loss_tokens, plain_value, stream_name
 from mlfop.optim.mlfop_soap import MLFOPSOAP
 
 __all__ = ["MLFOPTrainer", "StreamCollator"]
@@ -61,41 +61,6 @@ _FROM_TRAINING_ARGUMENTS = {
     "eps": "adam_epsilon",
     "weight_decay": "weight_decay",
 }
-
-
-def _plain(value: Any) -> Any:
-    """A stream value as a plain Python object (a 0-d tensor or numpy scalar becomes its item)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"a stream value must be a single name or id, got a tensor of shape {tuple(value.shape)}")
-        return value.item()
-    item = getattr(value, "item", None)
-    if callable(item) and not isinstance(value, (str, bytes)):
-        try:
-            return item()
-        except (TypeError, ValueError):
-            pass
-    return value
-
-
-def _single_value(values: Any, column: str) -> Any:
-    """The one stream of a micro-batch's column: a value, a list of values or a 1-D tensor."""
-    if isinstance(values, torch.Tensor):
-        items = values.reshape(-1).tolist()
-    elif isinstance(values, (list, tuple)):
-        items = [_plain(v) for v in values]
-    else:
-        items = [_plain(values)]
-    if not items:
-        raise ValueError(f"the {column!r} column of a micro-batch is empty")
-    distinct = list(dict.fromkeys(items))
-    if len(distinct) > 1:
-        raise ValueError(
-            f"a micro-batch mixes the streams {distinct} in its {column!r} column; each micro-batch "
-            f"must come from one stream (build the batches per stream, e.g. order or group the "
-            f"dataset by {column!r} so that every per_device_train_batch_size examples share one)"
-        )
-    return distinct[0]
 
 
 class StreamCollator:
@@ -133,7 +98,7 @@ class StreamCollator:
                     f"{len(features) - len(values)} of the {len(features)} examples of a batch have no "
                     f"{self.column!r} column; give every example its stream"
                 )
-            plain = [_plain(value) for value in values]
+            plain = [plain_value(value) for value in values]
             same = all(value == plain[0] for value in plain[1:])
             batch[self.column] = plain[0] if same else plain  # a mixed batch is refused in training only
         return batch
@@ -203,12 +168,7 @@ class MLFOPTrainer(Trainer):
             )
         if stream_column is not None and (not isinstance(stream_column, str) or not stream_column):
             raise TypeError(f"stream_column must be a non-empty string or None, got {stream_column!r}")
-        if stream_names is not None and (
-            isinstance(stream_names, str) or not isinstance(stream_names, (Mapping, Sequence))
-        ):
-            raise TypeError(
-                f"stream_names must be a mapping {{value: name}} or a sequence of names, got {stream_names!r}"
-            )
+        check_stream_names(stream_names)
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, MLFOPSOAP)):
             raise TypeError(f"optimizer_cls must be mlfop.MLFOPSOAP or a subclass, got {optimizer_cls!r}")
         given = dict(optimizer_kwargs or {})
@@ -321,42 +281,14 @@ class MLFOPTrainer(Trainer):
         column = self.stream_column
         if column is None or (column not in inputs and names == UNTAGGED_STREAMS):
             return None
-        if column not in inputs:
-            raise KeyError(
-                f"MLFOPTrainer: the micro-batch has no {column!r} column (it has {sorted(inputs)}); every "
-                f"example of a run with streams {list(names)} needs its stream in the {column!r} column "
-                f"(or set stream_column= to the column that has it)"
-            )
-        value = _single_value(inputs[column], column)
-        if self.stream_names is not None:
-            try:
-                name = self.stream_names[value]
-            except (KeyError, IndexError, TypeError):
-                raise ValueError(
-                    f"the {column!r} value {value!r} is not in stream_names {self.stream_names!r}"
-                ) from None
-        elif isinstance(value, str):
-            name = value
-        elif isinstance(value, Integral) and not isinstance(value, bool):
-            if not 0 <= value < len(names):
-                raise ValueError(f"the {column!r} id {value} is out of range for the streams {list(names)}")
-            name = names[value]
-        else:
-            raise TypeError(f"the {column!r} column must hold stream names or integer ids, got {value!r}")
-        if name not in names:
-            raise ValueError(f"the {column!r} value {value!r} names the stream {name!r}, not one of {list(names)}")
-        return name
+        return stream_name(inputs, column, names, self.stream_names, "MLFOPTrainer", kind="column")
 
     def _loss_tokens(self, inputs: Mapping[str, Any]) -> int | None:
         """Loss tokens of the micro-batch, counted as Trainer counts ``num_items_in_batch``."""
         if "shift_labels" in inputs:
-            labels = inputs["shift_labels"]
+            labels, shift = inputs["shift_labels"], False
         elif "labels" in inputs:
-            labels = inputs["labels"]
-            if getattr(self, "_loss_shifts_labels", True) and isinstance(labels, torch.Tensor):
-                labels = labels[..., 1:]
+            labels, shift = inputs["labels"], getattr(self, "_loss_shifts_labels", True)
         else:
             return None
-        if not isinstance(labels, torch.Tensor):
-            return None
-        return int(labels.ne(-100).sum())
+        return loss_tokens(labels, shift=shift) if isinstance(labels, torch.Tensor) else None
