@@ -12,7 +12,6 @@ from pathlib import Path
 import accelerate  # noqa: F401  (Trainer needs it; the `test` extra installs it)
 import pytest
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import mlfop

@@ -1,6 +1,5 @@
 """Head level, noise-aware shrinkage and diagnostics of ML-FOP-SOAP."""
 
-import copy
 import json
 
 import pytest
@@ -8,9 +7,8 @@ import torch
 
 import mlfop
 from mlfop.diagnostics import JSONLinesWriter, TensorBoardWriter, flatten
-from mlfop.functional.fop import noise_shrinkage, stream_gram_matrices, stream_noise
-from mlfop.functional.heads import head_gram
-from mlfop.functional.rotation import rotate, unrotate
+from mlfop.functional.fop import noise_shrinkage, stream_noise
+from mlfop.functional.rotation import rotate
 
 
 def _orthonormal(n, seed):
