@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import subprocess
 import sys
 import warnings
@@ -14,39 +13,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import mlfop
+from tiny_llama import run_example, ACCUM, MICRO, OPT_KWARGS, STREAMS, hand_loop, make_examples, max_rel_diff
 from mlfop.integrations.accelerate import loss_tokens
 from mlfop.integrations.lightning import MLFOPFolding
 
-STREAMS = ("image", "text")
-MICRO, ACCUM, SEQ = 2, 4, 16
-PATTERN = ["image", "text", "text", "image", "text", "text", "image", "text",
-           "image", "image", "text", "image", "text", "image", "text", "text"]
-OPT_KWARGS = dict(streams=STREAMS, lr=3e-2, betas=(0.9, 0.95), weight_decay=0.1, precondition_frequency=1)
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "lightning_module.py"
-
-
-@pytest.fixture(scope="module")
-def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-    )
-    return LlamaForCausalLM(config).float()
-
-
-def make_examples(steps: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(1)
-    examples = []
-    for i in range(steps * ACCUM * MICRO):
-        ids = torch.randint(0, 64, (SEQ,), generator=generator)
-        labels = ids.clone()
-        labels[: 1 + (3 * i) % 11] = -100
-        examples.append({"input_ids": ids, "labels": labels, "stream": PATTERN[(i // MICRO) % len(PATTERN)]})
-    return examples
 
 
 class LitLlama(L.LightningModule):
@@ -84,33 +57,6 @@ def fit(base_model, examples, max_steps, clip=None, callbacks=(), ckpt_path=None
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         trainer.fit(module, loader, ckpt_path=ckpt_path)
     return module, trainer
-
-
-def hand_loop(base_model, examples, steps, clip=None, tokens=False, bf16=False):
-    model = copy.deepcopy(base_model)
-    opt = mlfop.MLFOPSOAP(model.parameters(), **OPT_KWARGS)
-    batches = [examples[i : i + MICRO] for i in range(0, len(examples), MICRO)]
-    norms = []
-    for step in range(steps):
-        for j in range(ACCUM):
-            mb = batches[(step * ACCUM + j) % len(batches)]
-            ids = torch.stack([e["input_ids"] for e in mb])
-            labels = torch.stack([e["labels"] for e in mb])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(input_ids=ids, labels=labels).loss
-            (loss / ACCUM).backward()
-            opt.fold(mb[0]["stream"], tokens=loss_tokens(labels) if tokens else None)
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else math.inf)))
-        opt.step()
-        opt.zero_grad()
-    return model, norms
-
-
-def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(
-        float((p.detach() - q.detach()).norm() / q.detach().norm().clamp_min(1e-30))
-        for p, q in zip(a.parameters(), b.parameters())
-    )
 
 
 def test_matches_hand_loop_clipping_and_tokens(base_model):
@@ -171,12 +117,7 @@ def test_missing_stream_key_is_a_clear_error(base_model):
 
 
 def test_example_script_runs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(mlfop.__file__).parents[1]),
-                                                                   os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "trained" in result.stdout
+    assert "trained" in run_example(EXAMPLE, tmp_path)
 
 
 def test_skipped_step_still_checkpoints(base_model, tmp_path):

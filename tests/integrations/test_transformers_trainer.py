@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,43 +11,15 @@ from pathlib import Path
 import accelerate  # noqa: F401  (Trainer needs it; the `test` extra installs it)
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 import mlfop
+from tiny_llama import run_example, ACCUM, MICRO, SEQ, STREAMS, make_examples
 from mlfop.integrations.transformers import MLFOPTrainer, StreamCollator
 
-STREAMS = ("image", "text")
-MICRO, ACCUM, SEQ = 2, 4, 16
-# One stream per micro-batch, both streams in every optimizer step, unequal token counts.
-PATTERN = ["image", "text", "text", "image", "text", "text", "image", "text",
-           "image", "image", "text", "image", "text", "image", "text", "text"]
 LR, WD, BETAS, EPS = 3e-2, 0.1, (0.9, 0.95), 1e-8
 OPT_KWARGS = {"streams": STREAMS, "precondition_frequency": 1}
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "transformers_trainer.py"
-
-
-@pytest.fixture(scope="module")
-def base_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ,
-    )
-    return LlamaForCausalLM(config).float()
-
-
-def make_examples(steps: int, stream_as_id: bool = False) -> list[dict]:
-    """``steps * ACCUM`` micro-batches of MICRO examples, in order; a varying prompt is masked."""
-    generator = torch.Generator().manual_seed(1)
-    examples = []
-    for i in range(steps * ACCUM * MICRO):
-        stream = PATTERN[i // MICRO]
-        ids = torch.randint(0, 64, (SEQ,), generator=generator)
-        labels = ids.clone()
-        labels[: 1 + (3 * i) % 11] = -100  # 1..11 prompt tokens without loss
-        value = STREAMS.index(stream) if stream_as_id else stream
-        examples.append({"input_ids": ids, "labels": labels, "stream": value})
-    return examples
 
 
 def training_args(tmp_path: Path, steps: int, **overrides) -> TrainingArguments:
@@ -194,12 +165,7 @@ def test_mixed_micro_batch_and_owned_kwargs_are_refused(base_model, tmp_path):
 
 
 def test_example_script_runs(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(mlfop.__file__).parents[1]),
-                                                                   os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, str(EXAMPLE)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "trained" in result.stdout
+    assert "trained" in run_example(EXAMPLE, tmp_path)
 
 
 def test_skipped_step_still_checkpoints(base_model, tmp_path):
