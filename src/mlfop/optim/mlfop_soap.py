@@ -567,7 +567,7 @@ class MLFOPSOAP(SOAP):
         # Plain inner products need no rotation: one contraction for all heads.
         flat = block.streams.reshape(k, *param.shape)
         grams_e = head_gram(flat, flat, num_heads, axis) if block.gram_e is not None else None
-        coefficients_norm = []
+        corrected = False  # whether any head's combination differs from the shared component
         head_records: dict[str, Any] = {}
         for h in range(num_heads):
             masked = torch.zeros_like(block.streams).reshape(k, *param.shape)
@@ -582,7 +582,7 @@ class MLFOPSOAP(SOAP):
             beta = beta_raw * rho
             coefficients = combination_coefficients(system, beta)
             momentum += combine(rotated, coefficients)
-            coefficients_norm.append(coefficients)
+            corrected |= not bool((coefficients == block.system.weights).all())
             if detail >= DETAIL_LEVELS.index("head") and gram_e is not None:
                 head_records[str(h)] = stream_record(
                     names, gram_e=gram_e, gram_h=gram_h, s=system.s, beta_raw=beta_raw, beta=beta,
@@ -591,7 +591,7 @@ class MLFOPSOAP(SOAP):
         shared = combine(block.rotated, block.system.weights)
         comb_norm = float((momentum.square() / block.h).sum())
         eta = 1.0
-        if comb_norm > 0.0 and not all(bool((c == block.system.weights).all()) for c in coefficients_norm):
+        if comb_norm > 0.0 and corrected:
             eta = float((shared * momentum / block.h).sum()) / comb_norm
             eta = min(max(eta, config.eta_range[0]), config.eta_range[1])
         record: dict[str, Any] = {}
