@@ -243,3 +243,33 @@ def test_heads_detected_from_a_transformers_model_drive_the_head_level():
     assert set(blocks["model.layers.0.self_attn.k_proj.weight"]["heads"]) == {"0", "1"}
     assert set(blocks["model.layers.0.self_attn.o_proj.weight"]["heads"]) == {"0", "1", "2", "3"}
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("levels,heads", [(("global", "layer", "head"), (4, 0)), (("global", "layer"), None)])
+@pytest.mark.parametrize("seed", range(4))
+def test_no_coordinate_of_the_first_update_exceeds_the_learning_rate(levels, heads, seed):
+    """V takes g_comb^2 where the correction leaves the streams' envelope sum_k w_k r_k^2.
+
+    Per-head coefficients put energy in eigen-coordinates where every stream is small (the
+    head masks do not follow the eigenbasis). Without the envelope, five of these eight cases
+    move further than the learning rate (up to 1.26x; four with the head level)."""
+    torch.manual_seed(seed)
+    weight = torch.nn.Parameter(torch.randn(8, 6))
+    lr = 1e-2
+    opt = mlfop.MLFOPSOAP([weight], heads=None if heads is None else {weight: heads}, levels=levels, lr=lr,
+                          weight_decay=0.0, precondition_frequency=100, noise_shrinkage=False)
+    gen = torch.Generator().manual_seed(seed + 10)
+
+    def step():
+        for stream in ("image", "text"):
+            weight.grad = (weight.grad if weight.grad is not None else 0) + torch.randn(8, 6, generator=gen)
+            opt.fold(stream)
+        opt.step()
+        opt.zero_grad()
+
+    step()  # the first call sets the bases
+    before = weight.detach().clone()
+    bases = [opt.state[weight][f"basis_{i}"].clone() for i in range(2)]
+    step()  # the first update
+    moved = rotate((weight.detach() - before)[None], bases)[0]
+    assert float(moved.abs().max()) <= lr * (1 + 1e-5)

@@ -71,8 +71,7 @@ class MLFOPSOAP(SOAP):
     .. math::
        \begin{aligned}
             &F_i \leftarrow \beta_s F_i + (1-\beta_s) \textstyle\sum_k w_k G_{k(i)} G_{k(i)}^\top,
-            \quad V \leftarrow \beta_2 V + (1-\beta_2) \textstyle\sum_k w_k r_k^2,
-            \quad h = \sqrt{V} + \epsilon                                                        \\
+            \quad h = \sqrt{\beta_2 V + (1-\beta_2) \textstyle\sum_k w_k r_k^2} + \epsilon        \\
             &\bar g = \textstyle\sum_k w_k r_k, \quad
               g^\perp_k = (r_k - \bar g) - s_k \bar g \;\; (\langle g^\perp_k, \bar g\rangle_H = 0),
               \quad \beta = \operatorname{clip}(E^{+} D)                                          \\
@@ -80,14 +79,22 @@ class MLFOPSOAP(SOAP):
               \eta^* = \operatorname{clip}\big(\langle \bar g, g_{comb}\rangle_{H^{-1}} /
                        \langle g_{comb}, g_{comb}\rangle_{H^{-1}}\big)                           \\
             &M \leftarrow \beta_1 M + (1-\beta_1)\, g_{comb}, \quad
-              \theta \leftarrow \theta - \eta^* \gamma \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
-              \operatorname{unrot}\big(M / h\big), \quad \theta \leftarrow \theta(1-\gamma\lambda)
+              V \leftarrow \beta_2 V + (1-\beta_2) \max\big(\textstyle\sum_k w_k r_k^2,\, g_{comb}^2\big) \\
+            &\theta \leftarrow \theta - \eta^* \gamma \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+              \operatorname{unrot}\big(M / (\sqrt{V} + \epsilon)\big), \quad
+              \theta \leftarrow \theta(1-\gamma\lambda)
        \end{aligned}
 
     (:mod:`mlfop.functional.fop` has the definitions of :math:`s, D, E`.) The rest is SOAP's
-    step, shared with :class:`mlfop.SOAP`: same refresh, same first call. :math:`h` is the
-    denominator of this very step's SOAP update (the design's :math:`\sqrt{\hat V} + \epsilon`
-    up to a constant factor, which every FOP ratio ignores).
+    step, shared with :class:`mlfop.SOAP`: same refresh, same first call. The metric :math:`h`
+    is the denominator of this very step's SOAP update (the design's :math:`\sqrt{\hat V} +
+    \epsilon` up to a constant factor, which every FOP ratio ignores) wherever the streams'
+    squares bound :math:`g_{comb}^2`; without a correction they always do (:math:`\bar g^2 \le
+    \sum_k w_k r_k^2`). Where a correction leaves that envelope, :math:`V` takes
+    :math:`g_{comb}^2`, so no coordinate of the first update exceeds :math:`\gamma`: the head
+    masks do not follow the eigenbasis, and per-head coefficients can put energy in
+    eigen-coordinates where every stream is small (on the benchmark's first step,
+    :math:`g_{comb}^2` reaches :math:`10^7` times the envelope; ``benchmarks/first_step_envelope.py``).
 
     Levels of the variance correction (``levels``, any subset, for ablation):
 
@@ -543,7 +550,7 @@ class MLFOPSOAP(SOAP):
             self.state[param],
             layout,
             momentum_input=momentum,
-            second_moment_input=block.second_moment,
+            second_moment_input=torch.maximum(block.second_moment, momentum.square()),
             factor_statistics=self._factor_statistics(block.streams, weights, layout[1]),
             update_scale=eta,
         )
