@@ -127,8 +127,14 @@ def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeyp
 
 
 def test_report_aggregates_folders(reference_run, tmp_path, capsys):
-    assert main(["report", str(reference_run), str(reference_run), "--output", str(tmp_path / "report")]) == 0
+    seed1 = tmp_path / "s1"
+    assert main(["run", *RESUME, "--seeds", "1", "--optimizers", "adamw", "--output", str(seed1)]) == 0
+    # the reference folder twice: its seeds count once
+    assert main(["report", str(reference_run), str(seed1), str(reference_run), "--output",
+                 str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown in capsys.readouterr().out
-    assert "| mlfop |" in markdown and " ± " in markdown and "| 2 |" in markdown
+    rows = {line.split(" | ")[3]: line for line in markdown.splitlines() if line.startswith("| ")}
+    assert " | 2 | " in rows["adamw"] and " ± " in rows["adamw"]
+    assert " | 1 | " in rows["mlfop"] and " ± " not in rows["mlfop"]
     assert matplotlib.image.imread(tmp_path / "report" / "curves.png").ndim == 3

@@ -1,14 +1,14 @@
 """The result table: seeds grouped by setting, spreads, ratios to AdamW, settings spelled out."""
 
 from mlfop.bench.config import RunConfig
-from mlfop.bench.summary import aggregate, markdown_table, setting
+from mlfop.bench.summary import aggregate, group_label, markdown_table, setting
 
 
 def _final(optimizer, seed, steps, gen_nll, **changes):
     config = RunConfig(**changes).to_dict() | {"seeds": [seed]}
     return {"optimizer": optimizer, "lr": 1e-2, "seed": seed, "gen_nll": gen_nll, "steps_to_all": steps,
             "seconds_to_all": None if steps is None else steps / 10, "seconds_per_step": 0.1,
-            "setting": setting(config)}
+            "setting": setting(config, optimizer)}
 
 
 def test_seeds_group_and_ratios_use_adamw():
@@ -31,3 +31,16 @@ def test_different_settings_are_separate_rows_with_a_setting_column():
     assert "| setting |" in table.splitlines()[0] and len(lines) == 3
     assert "levels=global |" in lines[1] and "| 0.50 |" in lines[1]  # compared with the same AdamW row
     assert "levels=global+layer+head |" in lines[2] and "| 0.75 |" in lines[2]
+
+
+def test_adamw_from_folders_that_differ_in_fop_options_is_one_row_and_seeds_count_once():
+    finals = [_final("adamw", 0, 40, 3.0), _final("adamw", 0, 40, 3.0, levels=("global", "layer")),
+              _final("adamw", 1, 60, 3.2, levels=("global", "layer")),
+              _final("mlfop", 0, 20, 2.8, levels=("global", "layer")), _final("mlfop", 0, 30, 2.9)]
+    rows = aggregate(finals)
+    assert [(r["optimizer"], len(r["runs"])) for r in rows] == [("adamw", 2), ("mlfop", 1), ("mlfop", 1)]
+    lines = [line for line in markdown_table(rows, {"gen_nll": 3.0}).splitlines() if line.startswith("| emu3")]
+    assert "| — | adamw |" in lines[0] and "| 50 ± 14 |" in lines[0]
+    assert "levels=global+layer | mlfop |" in lines[1] and "| 0.40 |" in lines[1]
+    assert group_label(rows[1]["runs"][0]) == "emu3 km64 b1024 mlfop[global+layer] lr0.01"
+    assert group_label(rows[2]["runs"][0]) == "emu3 km64 b1024 mlfop lr0.01"

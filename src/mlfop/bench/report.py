@@ -34,7 +34,7 @@ def write_report(directories: list[str], output: str) -> str:
         targets.update(config["targets"])
         evals = folder.records("eval")
         for final in folder.records("final"):
-            finals.append({**final, "setting": setting(config)})
+            finals.append({**final, "setting": setting(config, final["optimizer"])})
             curves[group_label(finals[-1])].append([r for r in evals if r["run"] == final["run"]])
     rows = aggregate(finals)
     table = markdown_table(rows, targets)

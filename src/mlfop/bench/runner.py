@@ -55,7 +55,7 @@ def run_benchmark(config: RunConfig, resume: bool = False) -> str:
     for spec in run_specs(config):
         if spec.name not in finished:
             train(spec, config, data, plan, refs, folder, resume)
-    finals = [{**r, "setting": setting(config.to_dict())} for r in folder.records("final")]
+    finals = [{**r, "setting": setting(config.to_dict(), r["optimizer"])} for r in folder.records("final")]
     table = markdown_table(aggregate(finals), config.targets)
     _write_figures(folder, refs)
     _write_summary(folder, config, refs, table)

@@ -10,7 +10,7 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from mlfop.bench.config import METRICS
+from mlfop.bench.config import METRICS, RunConfig
 
 __all__ = ["setting", "group_label", "aggregate", "markdown_table", "COLUMNS"]
 
@@ -19,11 +19,17 @@ COLUMNS = (("gen_nll", "gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "un
            ("text_nll", "text NLL", 3), ("loss_gen", "train gen", 3), ("loss_und", "train und", 3))
 # Config keys that do not change what a run trains (or that the table shows in their own columns).
 _NOT_SETTING = ("seeds", "output", "optimizers", "lrs", "threads", "targets", "eval_every", "samples")
+DEFAULT_LEVELS = RunConfig().levels
+# Config keys that only ML-FOP-SOAP reads.
+_FOP_ONLY = ("levels", "stream_weights", "fold_tokens")
 
 
-def setting(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run folder's config that decides training, seed and optimizer aside."""
-    return {k: v for k, v in config.items() if k not in _NOT_SETTING}
+def setting(config: dict[str, Any], optimizer: str) -> dict[str, Any]:
+    """The part of a run folder's config that decides how ``optimizer`` trains, seed aside
+    (without the ML-FOP-SOAP options for the other optimizers, so that their runs from folders
+    that differ only there group together)."""
+    dropped = _NOT_SETTING if optimizer == "mlfop" else _NOT_SETTING + _FOP_ONLY
+    return {k: v for k, v in config.items() if k not in dropped}
 
 
 def _key(record: dict[str, Any]) -> tuple:
@@ -31,17 +37,23 @@ def _key(record: dict[str, Any]) -> tuple:
 
 
 def group_label(record: dict[str, Any]) -> str:
-    """A short name of the record's group (for plot legends)."""
+    """A short name of the record's group (for plot legends), with ML-FOP-SOAP's levels when
+    they are not the default."""
     config = record["setting"]
-    return f"{config['model']} {config['tokenizer']} b{config['batch']} {record['optimizer']} lr{record['lr']:g}"
+    levels = config.get("levels", DEFAULT_LEVELS)
+    optimizer = record["optimizer"] + ("" if tuple(levels) == DEFAULT_LEVELS else f"[{_plain(levels)}]")
+    return f"{config['model']} {config['tokenizer']} b{config['batch']} {optimizer} lr{record['lr']:g}"
 
 
 def aggregate(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (setting, optimizer, lr): the final records of its seeds. Each record needs a
-    ``"setting"`` (see :func:`setting`), which the caller adds from its run folder's config."""
+    """One row per (setting, optimizer, lr): the final records of its seeds (a seed that appears
+    twice, from two folders, counts once). Each record needs a ``"setting"`` (see
+    :func:`setting`), which the caller adds from its run folder's config."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for record in finals:
-        groups[_key(record)].append(record)
+        runs = groups[_key(record)]
+        if all(run["seed"] != record["seed"] for run in runs):
+            runs.append(record)
     return [{"setting": runs[0]["setting"], "optimizer": optimizer, "lr": lr, "runs": runs}
             for (_, optimizer, lr), runs in groups.items()]
 
@@ -69,8 +81,7 @@ def _cell(values: list[float | None], digits: int) -> str:
 
 def _comparable(row: dict) -> str:
     """Rows with the same setting up to the ML-FOP-SOAP options compare to the same AdamW row."""
-    fop_only = ("levels", "stream_weights", "fold_tokens")
-    return json.dumps({k: v for k, v in row["setting"].items() if k not in fop_only}, sort_keys=True)
+    return json.dumps({k: v for k, v in row["setting"].items() if k not in _FOP_ONLY}, sort_keys=True)
 
 
 def _baselines(rows: list[dict]) -> dict[str, dict]:
@@ -98,7 +109,7 @@ def markdown_table(rows: list[dict[str, Any]], targets: dict[str, float]) -> str
     present = [c for c in COLUMNS if any(r.get(c[0]) is not None for row in rows for r in row["runs"])]
     shown = ("model", "tokenizer", "batch")
     varying = sorted({k for row in rows for k, v in row["setting"].items()
-                      if k not in shown and any(other["setting"].get(k) != v for other in rows)})
+                      if k not in shown and any(other["setting"].get(k, v) != v for other in rows)})
     head = ["model", "tokenizer", "batch", *(["setting"] if varying else []), "optimizer", "lr", "seeds",
             *(title for _, title, _ in present),
             "steps→target", "s→target", "steps ×AdamW", "s ×AdamW", "s/step", "flags"]
@@ -113,7 +124,7 @@ def markdown_table(rows: list[dict[str, Any]], targets: dict[str, float]) -> str
             ratios.append(f"{mine / theirs:.2f}" if mine < float("inf") and 0 < theirs < float("inf") else "—")
         flags = sorted({name for r in runs for name in ("diverged", "stalled_gen", "stalled_und") if r.get(name)})
         config = row["setting"]
-        described = ", ".join(f"{k}={_plain(config.get(k))}" for k in varying)
+        described = ", ".join(f"{k}={_plain(config[k])}" for k in varying if k in config) or "—"
         cells = [config["model"], config["tokenizer"], str(config["batch"]), *([described] if varying else []),
                  row["optimizer"], f"{row['lr']:g}",
                  str(len(runs)), *(_cell([r.get(key) for r in runs], digits) for key, _, digits in present),
