@@ -76,3 +76,5 @@ def test_bad_flag_value_is_one_line(capsys, tmp_path):
 
 def test_report_of_a_non_run_folder(capsys, tmp_path):
     _fails(["report", str(tmp_path), "--output", str(tmp_path / "r")], capsys, tmp_path, "not a finished")
+    _fails(["report", f"{tmp_path}:adamw", "--output", str(tmp_path / "r")], capsys, tmp_path, "not a finished")
+    _fails(["report", f"{tmp_path}:bogus", "--output", str(tmp_path / "r")], capsys, tmp_path, "bogus is not")

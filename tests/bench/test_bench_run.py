@@ -138,3 +138,10 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
     assert " | 2 | " in rows["adamw"] and " ± " in rows["adamw"]
     assert " | 1 | " in rows["mlfop"] and " ± " not in rows["mlfop"]
     assert matplotlib.image.imread(tmp_path / "report" / "curves.png").ndim == 3
+
+
+def test_report_takes_the_chosen_optimizers_of_a_folder(reference_run, tmp_path, capsys):
+    assert main(["report", f"{reference_run}:mlfop,soap", "--output", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    optimizers = {line.split(" | ")[3] for line in markdown.splitlines() if line.startswith("| emu3")}
+    assert optimizers == {"mlfop"}

@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
             options.update(type=type(default))
         run.add_argument(flag, dest=field.name, **options)
     report = commands.add_parser("report", help="aggregate run folders over seeds")
-    report.add_argument("directories", nargs="+", metavar="DIR")
+    report.add_argument("directories", nargs="+", metavar="DIR[:OPT,...]",
+                        help="run folders; DIR:adamw,soap takes only those optimizers' runs from DIR")
     report.add_argument("--output", default="mlfop-report", help="report folder (default: mlfop-report)")
     return parser
 

@@ -7,17 +7,26 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-from mlfop.bench.config import BenchError
+from mlfop.bench.config import OPTIMIZERS, BenchError
 from mlfop.bench.plots import plot_aggregate
 from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.summary import aggregate, group_label, markdown_table, setting
 
-__all__ = ["check_report_input", "write_report"]
+__all__ = ["parse_source", "check_report_input", "write_report"]
 
 
-def check_report_input(directories: list[str], output: str) -> None:
-    """Each directory must be a finished run folder; the output folder must be new."""
-    for directory in directories:
+def parse_source(source: str) -> tuple[str, tuple[str, ...] | None]:
+    """``DIR`` (every run) or ``DIR:OPT,OPT`` (the runs of those optimizers only)."""
+    directory, _, chosen = source.rpartition(":")
+    names = tuple(chosen.split(","))
+    if directory and not Path(source).exists() and all(name in OPTIMIZERS for name in names):
+        return directory, names
+    return source, None
+
+
+def check_report_input(sources: list[str], output: str) -> None:
+    """Each source must be a finished run folder; the output folder must be new."""
+    for directory, _ in map(parse_source, sources):
         if not (Path(directory) / "metrics.jsonl").is_file() or not (Path(directory) / "config.json").is_file():
             raise BenchError(f"{directory} is not a finished mlfop-bench run folder (no metrics.jsonl/config.json); "
                              f"accepted: folders written by mlfop-bench run")
@@ -25,15 +34,20 @@ def check_report_input(directories: list[str], output: str) -> None:
         raise BenchError(f"report folder {output} already exists; accepted: a new folder")
 
 
-def write_report(directories: list[str], output: str) -> str:
-    """Write ``report.md`` and ``curves.png`` into ``output`` (atomically); returns the markdown."""
+def write_report(sources: list[str], output: str) -> str:
+    """Write ``report.md`` and ``curves.png`` into ``output`` (atomically); returns the markdown.
+
+    ``sources``: run folders, each ``DIR`` or ``DIR:OPT,OPT`` (see :func:`parse_source`)."""
     finals, targets = [], {}
     curves: dict[str, list[list[dict]]] = defaultdict(list)
-    for folder in (RunFolder(Path(d)) for d in directories):
+    for directory, chosen in map(parse_source, sources):
+        folder = RunFolder(Path(directory))
         config = folder.read_json("config.json")
         targets.update(config["targets"])
         evals = folder.records("eval")
         for final in folder.records("final"):
+            if chosen is not None and final["optimizer"] not in chosen:
+                continue
             finals.append({**final, "setting": setting(config, final["optimizer"])})
             curves[group_label(finals[-1])].append([r for r in evals if r["run"] == final["run"]])
     rows = aggregate(finals)
@@ -41,7 +55,7 @@ def write_report(directories: list[str], output: str) -> str:
     markdown = "\n".join([
         "# mlfop-bench report",
         "",
-        "Runs: " + ", ".join(f"`{d}`" for d in directories) + ". Cells: mean ± standard deviation over seeds; "
+        "Runs: " + ", ".join(f"`{d}`" for d in sources) + ". Cells: mean ± standard deviation over seeds; "
         "(k/n): only k of n seeds have a value.",
         "",
         table,
