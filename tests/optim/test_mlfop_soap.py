@@ -336,20 +336,30 @@ def test_bad_folds_are_refused_with_a_clear_message():
         opt.fold("text")
 
 
-def test_state_dict_mid_accumulation_is_refused_and_between_steps_resumes_bit_for_bit():
+@pytest.mark.parametrize("via", ["torch.save", "dcp"])
+def test_state_dict_mid_accumulation_is_refused_and_between_steps_resumes_bit_for_bit(via):
+    """Balanced weights depend on the stream-norm EMA (global state): DCP must keep it too."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
     def run(split_at=None, steps=24):
         model = _model()
         opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights="balanced")
         for step in range(steps):
             if step == split_at:
                 buffer = io.BytesIO()
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+                optimizer_state = opt.state_dict() if via == "torch.save" else get_optimizer_state_dict(model, opt)
+                torch.save({"model": model.state_dict(), "opt": optimizer_state}, buffer)
                 buffer.seek(0)
                 saved = torch.load(buffer, weights_only=True)
+                norms = dict(opt.stream_norm_ema)
                 model = _model(seed=5)
                 model.load_state_dict(saved["model"])
                 opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights="balanced")
-                opt.load_state_dict(saved["opt"])
+                if via == "torch.save":
+                    opt.load_state_dict(saved["opt"])
+                else:
+                    set_optimizer_state_dict(model, opt, saved["opt"])
+                assert opt.stream_norm_ema == norms != {}
             for i, (stream, x, y) in enumerate(_micro_batches(step)):
                 (model(x) - y).pow(2).mean().backward()
                 opt.fold(stream)

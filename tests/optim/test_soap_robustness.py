@@ -20,8 +20,14 @@ from mlfop import SOAP
 
 # ----------------------------------------------------------------------------- helpers
 
-# Key of the optimizer-wide values (skipped_steps, basis_failures) in ``SOAP.state_dict()``.
+# Key of the optimizer-wide values (skipped_steps, basis_failures) in every saved param group.
 _GLOBAL_KEY = "global_state"
+
+
+def _global(state_dict):
+    values = [group[_GLOBAL_KEY] for group in state_dict["param_groups"]]
+    assert all(v == values[0] for v in values)
+    return values[0]
 
 # Shapes of the raw parameters: 2-D, 2-D with a dimension above max_precond_dim=12, 4-D, 1-D, 0-D.
 _SHAPES = [(6, 5), (20, 4), (3, 2, 3, 3), (5,), ()]
@@ -448,8 +454,8 @@ def test_state_dict_survives_weights_only_load():
     _train(net, opt, 5)
     state_dict = opt.state_dict()
     loaded = _saved_and_loaded(state_dict)
-    assert loaded.keys() == {"state", "param_groups", _GLOBAL_KEY}
-    assert loaded[_GLOBAL_KEY] == {"skipped_steps": 0, "basis_failures": 0}
+    assert loaded.keys() == {"state", "param_groups"}
+    assert _global(loaded) == {"skipped_steps": 0, "basis_failures": 0}
     assert loaded["param_groups"] == state_dict["param_groups"]
     assert loaded["state"].keys() == state_dict["state"].keys() == set(range(len(list(net.parameters()))))
     for pid, entry in state_dict["state"].items():
@@ -507,10 +513,17 @@ def test_counters_are_saved_and_restored():
         opt.step()
     opt.basis_failures = 3  # as if three refreshes had failed
     saved = _saved_and_loaded(opt.state_dict())
-    assert saved[_GLOBAL_KEY] == {"skipped_steps": 1, "basis_failures": 3}
+    assert _global(saved) == {"skipped_steps": 1, "basis_failures": 3}
     fresh = SOAP(_raw_params(), max_precond_dim=12)
     fresh.load_state_dict(saved)
     assert (fresh.skipped_steps, fresh.basis_failures) == (1, 3)
+    assert all(_GLOBAL_KEY not in group for group in fresh.param_groups)
+    # the format before the values moved into the groups: one top-level entry
+    old = {"state": saved["state"], "param_groups": [{k: v for k, v in g.items() if k != _GLOBAL_KEY}
+                                                     for g in saved["param_groups"]],
+           _GLOBAL_KEY: {"skipped_steps": 2, "basis_failures": 5}}
+    fresh.load_state_dict(old)
+    assert (fresh.skipped_steps, fresh.basis_failures) == (2, 5)
 
 
 def test_load_state_dict_rejects_bad_group_values_without_changing_anything():
@@ -707,7 +720,7 @@ def test_nonfinite_gradient_is_skipped_without_any_change(bad_call):
     _run(params, opt, 7 - (bad_call - 1), start=bad_call - 1)
     _assert_same(_snapshot(ref_params, ref), _snapshot(params, opt))
     assert opt.skipped_steps == 2 and ref.skipped_steps == 0
-    assert opt.state_dict()[_GLOBAL_KEY]["skipped_steps"] == 2
+    assert _global(opt.state_dict())["skipped_steps"] == 2
 
 
 @pytest.mark.parametrize("bad_call", [1, 3, 4], ids=["first-call", "between-refreshes", "refresh-call"])

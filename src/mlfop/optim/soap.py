@@ -15,6 +15,8 @@ from mlfop.functional.soap import ema_factors_, first_eigenbasis, soap_block_upd
 from mlfop.optim.config import SOAPConfig
 
 __all__ = ["SOAP"]
+# Optimizer-wide values (counters, the balanced weights' norm EMA): saved in every param group.
+_GLOBAL_KEY = "global_state"
 
 _SOAP_ARGS_DOC = r"""
     Args:
@@ -191,9 +193,12 @@ class SOAP(torch.optim.Optimizer):
         self.basis_failures = int(global_state.get("basis_failures", 0))
 
     def state_dict(self) -> dict[str, Any]:
-        """The usual ``{"state", "param_groups"}`` plus ``"global_state"`` (counters and the like)."""
+        """The usual ``{"state", "param_groups"}``; every saved group also holds ``"global_state"``
+        (counters and the like), because DCP's ``get_optimizer_state_dict`` keeps only ``state``
+        and ``param_groups``."""
         state_dict = super().state_dict()
-        state_dict["global_state"] = self._global_state()
+        for group in state_dict["param_groups"]:
+            group[_GLOBAL_KEY] = self._global_state()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -209,13 +214,17 @@ class SOAP(torch.optim.Optimizer):
             for pid, entry in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # the base class copied it into the live groups
+            group.pop(_GLOBAL_KEY, None)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for pid, param in zip(saved_ids, params):
             dtype = _state_dtype(param)
             for key, value in saved.get(pid, {}).items():
                 self.state[param][key] = value.to(device=param.device, dtype=dtype)
-        self._load_global_state(state_dict.get("global_state", {}))
+        # (a top-level "global_state": checkpoints written before it moved into the groups)
+        groups = state_dict["param_groups"]
+        self._load_global_state(state_dict.get(_GLOBAL_KEY, groups[0].get(_GLOBAL_KEY, {}) if groups else {}))
 
     # --------------------------------------------------------------------------- step
     @torch.no_grad()
