@@ -423,3 +423,32 @@ def test_shared_statistics_give_soaps_factors_with_natural_weights():
         if p.dim() == 2:
             torch.testing.assert_close(b["factor_0"], a["factor_0"], rtol=1e-5, atol=1e-7)
             assert not torch.allclose(c["factor_0"], a["factor_0"], rtol=1e-3)
+
+
+def test_a_module_that_one_stream_reaches_takes_soaps_step():
+    """Janus-style: a shared trunk and a module only the image stream reaches (its own loss term).
+
+    The streams' statistics there would count the absent text stream as disagreement
+    (V = w_image g^2 instead of the accumulated gradient's square) and shrink its step by
+    sqrt(w_image); the module must move as SOAP moves it on its own gradient.
+    """
+    torch.manual_seed(0)
+    trunk, own = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    alone = copy.deepcopy(own)
+    fop = mlfop.MLFOPSOAP([*trunk.parameters(), *own.parameters()], lr=1e-2)
+    soap = mlfop.SOAP(alone.parameters(), lr=1e-2)
+    start = torch.cat([p.detach().reshape(-1) for p in own.parameters()])
+    for step in range(STEPS):
+        for stream, x, y in _micro_batches(step):
+            loss = (trunk(x) - y).pow(2).mean()
+            if stream == "image":
+                loss = loss + (own(x) - y.flip(1)).pow(2).mean()
+                (alone(x) - y.flip(1)).pow(2).mean().backward()
+            loss.backward()
+            fop.fold(stream)
+        for opt in (fop, soap):
+            opt.step()
+            opt.zero_grad()
+    moved = torch.cat([p.detach().reshape(-1) for p in own.parameters()]) - start
+    reference = torch.cat([p.detach().reshape(-1) for p in alone.parameters()]) - start
+    assert float((moved - reference).norm() / reference.norm()) < 1e-4

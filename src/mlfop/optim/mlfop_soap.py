@@ -57,6 +57,7 @@ class _Block:
     gram_h: Tensor
     gram_e: Tensor | None  # Euclidean Gram, when the noise shrinkage or diagnostics need it
     sigma_sq: Tensor | None  # (K, groups) sampling variances, groups = heads or 1
+    single_stream: bool  # at most one stream reached the parameter: SOAP's statistics
 
 
 class MLFOPSOAP(SOAP):
@@ -109,6 +110,13 @@ class MLFOPSOAP(SOAP):
       (the streams masked to the head, so the metrics are exact inner products there; the
       coupling between heads is dropped, a block-diagonal approximation). One head is exactly
       the layer level. Costs one rotation of the K streams per head.
+
+    A block that at most one stream reaches (a modality-specific module, e.g. Janus's vision
+    encoder or generation head: the other streams' gradients are exactly zero there) has
+    nothing to reconcile and takes SOAP's statistics from :math:`\bar g`
+    (:math:`V \leftarrow \beta_2 V + (1-\beta_2) \bar g^2`, factors from :math:`\bar G`):
+    the streams' statistics would count the absent streams as disagreement and shrink its step
+    by :math:`\sqrt{w_k}`.
 
     The finest enabled level that applies to a block decides its :math:`\beta`. With the noise
     shrinkage on, each :math:`\beta` is multiplied by :math:`\rho = \max(0, 1 - \nu)`, where
@@ -490,14 +498,21 @@ class MLFOPSOAP(SOAP):
         coef = torch.tensor([sign * scale / a for a in shares], dtype=dtype, device=param.device)
         streams = sums.reshape((len(present), *block_shape)) * coef.view(-1, *[1] * len(block_shape))
         state = self.state[param]
+        # A module that one modality alone reaches has nothing to reconcile (the other streams'
+        # gradients are exactly zero there); the streams' statistics would count the absent
+        # streams as disagreement and shrink its step by sqrt(w_k). It takes SOAP's statistics.
+        single_stream = int(streams.reshape(len(present), -1).ne(0).any(1).sum()) <= 1
         if _awaits_first_call(state):
-            statistics = self._factor_statistics(streams, weights, preconditioned)
+            statistics = self._factor_statistics(streams, weights, preconditioned, single_stream)
             self._init_state(config, param, layout, statistics, bool(streams.any()))
             return None
         exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
         rotated = rotate(streams, bases)
         w = weights.to(dtype=dtype, device=param.device)
-        second_moment = torch.tensordot(w, rotated.square(), dims=1)
+        if single_stream:
+            second_moment = torch.tensordot(w, rotated, dims=1).square()
+        else:
+            second_moment = torch.tensordot(w, rotated.square(), dims=1)
         h = exp_avg_sq.lerp(second_moment, 1.0 - config.betas[1]).sqrt_().add_(config.eps)
         gram_h, gram_hinv = stream_gram_matrices(rotated, h)
         system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
@@ -512,7 +527,8 @@ class MLFOPSOAP(SOAP):
             counts = torch.tensor([self._folds.micro_batches[k] for k in present])
             norm_counts = torch.tensor([self._folds.norm_counts[k] for k in present])
             sigma_sq = stream_noise(micro_sq, sums_sq, counts, norm_counts, torch.tensor(shares), scale)
-        return _Block(name, config, param, streams, rotated, h, second_moment, system, gram_h, gram_e, sigma_sq)
+        return _Block(name, config, param, streams, rotated, h, second_moment, system, gram_h, gram_e, sigma_sq,
+                      single_stream)
 
     def _finish_block(
         self, block: _Block, weights: Tensor, beta: Tensor | None, names: list[str], detail: int
@@ -551,7 +567,7 @@ class MLFOPSOAP(SOAP):
             layout,
             momentum_input=momentum,
             second_moment_input=torch.maximum(block.second_moment, momentum.square()),
-            factor_statistics=self._factor_statistics(block.streams, weights, layout[1]),
+            factor_statistics=self._factor_statistics(block.streams, weights, layout[1], block.single_stream),
             update_scale=eta,
         )
         return record
@@ -613,12 +629,15 @@ class MLFOPSOAP(SOAP):
                 record["heads"] = head_records
         return momentum, eta, record
 
-    def _factor_statistics(self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...]) -> list[Tensor | None]:
+    def _factor_statistics(
+        self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...], single_stream: bool
+    ) -> list[Tensor | None]:
         r"""Kronecker statistics: :math:`\sum_k w_k G_{k(i)} G_{k(i)}^\top` from the streams, or,
-        with ``stream_statistics=False``, :math:`\bar G_{(i)} \bar G_{(i)}^\top` of the shared
-        component (SOAP's own statistic under the natural weights; K - 1 fewer products)."""
+        with ``stream_statistics=False`` or a single stream, :math:`\bar G_{(i)} \bar G_{(i)}^\top`
+        of the shared component (SOAP's own statistic under the natural weights; K - 1 fewer
+        products)."""
         w = weights.to(dtype=streams.dtype, device=streams.device)
-        if not self.stream_statistics:
+        if not self.stream_statistics or single_stream:
             return kronecker_statistics(torch.tensordot(w, streams, dims=1), preconditioned)
         return kronecker_statistics(streams * w.sqrt().view(-1, *[1] * (streams.dim() - 1)), preconditioned)
 
