@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mlfop.functional.heads import check_head_layout, head_gram, split_heads
+from mlfop.functional.heads import check_head_layout, head_gram, rotate_heads, split_heads
+from mlfop.functional.rotation import rotate
 
 
 def _slice(x, num_heads, axis, head):
@@ -101,3 +102,26 @@ def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match="same shape"):
         head_gram(torch.zeros(2, 4, 4), torch.zeros(3, 4, 4), 2, 0)
     assert check_head_layout((12, 8), 4, -2) == (4, 0)
+
+
+
+
+@pytest.mark.parametrize(
+    "shape,block_shape,num_heads,axis",
+    [((8, 6), (8, 6), 4, 0), ((8, 6), (8, 6), 3, 1), ((4, 6, 3), (4, 6, 3), 2, 1), ((4, 6, 3), (4, 6, 3), 3, -1),
+     ((4, 6, 3), (24, 3), 2, 1), ((8, 6), (48,), 4, 0)],  # the last two: dimensions merged by merge_dims
+)
+@pytest.mark.parametrize("head_axis_rotated", [True, False])
+def test_rotate_heads_equals_rotating_each_masked_tensor(shape, block_shape, num_heads, axis, head_axis_rotated):
+    gen = torch.Generator().manual_seed(0)
+    streams = torch.randn(2, *shape, generator=gen, dtype=torch.float64)
+    bases = [torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0] for n in block_shape]
+    if not head_axis_rotated:
+        bases[axis if block_shape == shape else 0] = None
+    flat = streams.reshape(2, *block_shape)
+    rotated = list(rotate_heads(flat, bases, shape, num_heads, axis % len(shape)))
+    assert len(rotated) == num_heads
+    for h, fast in enumerate(rotated):
+        masked = torch.zeros_like(streams)
+        split_heads(masked, num_heads, axis, leading=1)[:, h] = split_heads(streams, num_heads, axis, leading=1)[:, h]
+        assert torch.allclose(fast, rotate(masked.reshape(2, *block_shape), bases), rtol=0, atol=1e-12)

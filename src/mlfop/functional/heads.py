@@ -28,12 +28,14 @@ heads.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["check_head_layout", "split_heads", "head_gram"]
+from mlfop.functional.rotation import rotate
+
+__all__ = ["check_head_layout", "split_heads", "head_gram", "rotate_heads"]
 
 
 def check_head_layout(shape: Sequence[int], num_heads: int, axis: int) -> tuple[int, int]:
@@ -111,3 +113,34 @@ def head_gram(a: Tensor, b: Tensor, num_heads: int, axis: int) -> Tensor:
     five_d = (k, before, num_heads, shape[axis] // num_heads, after)
     gram = torch.einsum("iphdq,jphdq->hij", a.reshape(five_d), b.reshape(five_d))
     return gram.to(dtype=torch.float64, device="cpu")
+
+
+
+
+def rotate_heads(
+    streams: Tensor, bases: Sequence[Tensor | None], shape: Sequence[int], num_heads: int, axis: int
+) -> Iterator[Tensor]:
+    r"""For each head :math:`h`, :math:`\operatorname{rot}(M_h)`: the rotation of the K streams
+    masked to head :math:`h`'s slice (zero elsewhere).
+
+    ``streams`` has shape ``(K, *block_shape)`` and ``shape`` is the parameter's shape (the
+    head layout's). When the block has the parameter's shape, only rows ``h d : (h + 1) d`` of
+    the head axis' basis meet the slice, so each head contracts the slice with those rows (the
+    identity's rows where the axis is not rotated) and the H heads together cost about one
+    rotation of the block instead of H. When ``merge_dims`` merged the parameter's dimensions,
+    each masked tensor is rotated whole.
+    """
+    k, shape = streams.shape[0], tuple(shape)
+    heads = split_heads(streams.reshape(k, *shape), num_heads, axis, leading=1)
+    aligned = tuple(streams.shape[1:]) == shape
+    d = shape[axis] // num_heads
+    for h in range(num_heads):
+        if aligned:
+            basis = bases[axis] if bases[axis] is not None else torch.eye(shape[axis], dtype=streams.dtype,
+                                                                          device=streams.device)
+            cut = basis[h * d : (h + 1) * d]
+            yield rotate(heads[:, h], [cut if i == axis else b for i, b in enumerate(bases)])
+        else:
+            masked = torch.zeros_like(streams).reshape(k, *shape)
+            split_heads(masked, num_heads, axis, leading=1)[:, h] = heads[:, h]
+            yield rotate(masked.reshape(streams.shape), bases)

@@ -26,7 +26,7 @@ from mlfop.functional.fop import (
     stream_gram_matrices,
     stream_noise,
 )
-from mlfop.functional.heads import head_gram, split_heads
+from mlfop.functional.heads import head_gram, rotate_heads, split_heads
 from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.head_layouts import resolve_head_layouts
 from mlfop.optim.config import FOPConfig
@@ -109,7 +109,7 @@ class MLFOPSOAP(SOAP):
       projection, :math:`\beta_h` and noise shrinkage: FOP on the subspace of the head's slice
       (the streams masked to the head, so the metrics are exact inner products there; the
       coupling between heads is dropped, a block-diagonal approximation). One head is exactly
-      the layer level. Costs one rotation of the K streams per head.
+      the layer level. The H heads together cost about one rotation of the K streams.
 
     A block that at most one stream reaches (a modality-specific module, e.g. Janus's vision
     encoder or generation head: the other streams' gradients are exactly zero there) has
@@ -538,7 +538,7 @@ class MLFOPSOAP(SOAP):
         layout = self._layout(config, param)
         record: dict[str, Any] = {}
         heads = self._folds.head_layouts.get(param)
-        if beta is None and heads is not None:
+        if beta is None and heads is not None and not block.single_stream:
             momentum, eta, record = self._combine_heads(block, weights, heads, names, detail)
         else:
             noise_fraction = None
@@ -579,23 +579,20 @@ class MLFOPSOAP(SOAP):
 
         Head h's streams are the streams masked to the head's slice (zero elsewhere), rotated:
         the metrics restricted to that subspace are then exact inner products, and a single
-        head is exactly the layer level. Costs one rotation of the K streams per head.
+        head is exactly the layer level. The H heads together cost about one rotation of the K
+        streams (:func:`mlfop.functional.heads.rotate_heads`).
         """
         config, param = block.config, block.param
         num_heads, axis = heads
         bases = _block_tensors(self.state[param], self._layout(config, param))[3]
         k = block.streams.shape[0]
-        streams = split_heads(block.streams.reshape(k, *param.shape), num_heads, axis, leading=1)
         momentum = torch.zeros_like(block.rotated[0])
         # Plain inner products need no rotation: one contraction for all heads.
         flat = block.streams.reshape(k, *param.shape)
         grams_e = head_gram(flat, flat, num_heads, axis) if block.gram_e is not None else None
         corrected = False  # whether any head's combination differs from the shared component
         head_records: dict[str, Any] = {}
-        for h in range(num_heads):
-            masked = torch.zeros_like(block.streams).reshape(k, *param.shape)
-            split_heads(masked, num_heads, axis, leading=1)[:, h] = streams[:, h]
-            rotated = rotate(masked.reshape(block.streams.shape), bases)
+        for h, rotated in enumerate(rotate_heads(block.streams, bases, param.shape, num_heads, axis)):
             gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
             system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
             beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.shared_norm)
