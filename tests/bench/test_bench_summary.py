@@ -1,7 +1,7 @@
 """The result table: seeds grouped by setting, spreads, ratios to AdamW, settings spelled out."""
 
 from mlfop.bench.config import RunConfig
-from mlfop.bench.summary import aggregate, group_label, markdown_table, setting
+from mlfop.bench.summary import aggregate, group_label, markdown_table, most_seeded, setting
 
 
 def _final(optimizer, seed, steps, gen_nll, **changes):
@@ -44,3 +44,13 @@ def test_adamw_from_folders_that_differ_in_fop_options_is_one_row_and_seeds_coun
     assert "levels=global+layer | mlfop |" in lines[1] and "| 0.40 |" in lines[1]
     assert group_label(rows[1]["runs"][0]) == "emu3 km64 b1024 mlfop[global+layer] lr0.01"
     assert group_label(rows[2]["runs"][0]) == "emu3 km64 b1024 mlfop lr0.01"
+
+
+def test_curves_show_each_optimizers_rates_with_the_most_seeds():
+    def run(optimizer, lr, seed, **changes):
+        return {**_final(optimizer, seed, 40, 3.0, **changes), "lr": lr}
+
+    sweep = [run("adamw", lr, 0) for lr in (1e-3, 3e-3)] + [run("mlfop", lr, 0) for lr in (1e-2, 3e-2)]
+    seeds = [run("adamw", 3e-3, s) for s in (1, 2)]
+    kept = {(r["optimizer"], r["lr"]) for r in most_seeded(aggregate(sweep + seeds))}
+    assert kept == {("adamw", 3e-3), ("mlfop", 1e-2), ("mlfop", 3e-2)}  # mlfop: a sweep alone, all rates

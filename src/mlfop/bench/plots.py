@@ -77,11 +77,14 @@ def plot_samples(images: np.ndarray, title: str, path: Path, per_class: int = 8)
 
 
 def plot_aggregate(groups: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
-    """Held-out curves per group: the mean over seeds with a band from the lowest to the highest."""
+    """Held-out curves per group: the mean over seeds with a band from the lowest to the highest
+    (one colour per group, one legend below the panels)."""
     panels = [p for p in _EVAL_PANELS
               if any(p[0] in r for runs in groups.values() for run in runs for r in run)]
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.8), squeeze=False)
-    for label, runs in groups.items():
+    colours = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
+    for index, (label, runs) in enumerate(groups.items()):
+        colour = colours(index % colours.N)
         for ax, (key, title, _) in zip(axes[0], panels):
             by_step: dict[int, list[float]] = defaultdict(list)
             for run in runs:
@@ -92,13 +95,14 @@ def plot_aggregate(groups: dict[str, list[list[dict[str, Any]]]], path: Path) ->
             if not steps:
                 continue
             values = [by_step[s] for s in steps]
-            ax.plot(steps, [np.mean(v) for v in values], label=label)
-            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+            ax.plot(steps, [np.mean(v) for v in values], label=label, color=colour)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2, color=colour)
             ax.set_title(title)
             ax.set_xlabel("step")
-    for ax in axes.flat:
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    rows = max(1, -(-len(labels) // 4))
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, min(0.5, 0.06 * rows), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 from mlfop.bench.config import OPTIMIZERS, BenchError
 from mlfop.bench.plots import plot_aggregate
 from mlfop.bench.runfolder import RunFolder
-from mlfop.bench.summary import aggregate, group_label, markdown_table, setting
+from mlfop.bench.summary import aggregate, group_label, markdown_table, most_seeded, setting
 
 __all__ = ["parse_source", "check_report_input", "write_report"]
 
@@ -39,7 +38,6 @@ def write_report(sources: list[str], output: str) -> str:
 
     ``sources``: run folders, each ``DIR`` or ``DIR:OPT,OPT`` (see :func:`parse_source`)."""
     finals, targets = [], {}
-    curves: dict[str, list[list[dict]]] = defaultdict(list)
     for directory, chosen in map(parse_source, sources):
         folder = RunFolder(Path(directory))
         config = folder.read_json("config.json")
@@ -48,10 +46,14 @@ def write_report(sources: list[str], output: str) -> str:
         for final in folder.records("final"):
             if chosen is not None and final["optimizer"] not in chosen:
                 continue
-            finals.append({**final, "setting": setting(config, final["optimizer"])})
-            curves[group_label(finals[-1])].append([r for r in evals if r["run"] == final["run"]])
+            finals.append({**final, "setting": setting(config, final["optimizer"]),
+                           "curve": [r for r in evals if r["run"] == final["run"]]})
     rows = aggregate(finals)
     table = markdown_table(rows, targets)
+    plotted: dict[str, list[list[dict]]] = {}
+    for row in most_seeded(rows):  # labels name model, batch, optimizer, rate and levels; number the rest
+        label = group_label(row["runs"][0])
+        plotted[label if label not in plotted else f"{label} ({len(plotted) + 1})"] = [run["curve"] for run in row["runs"]]
     markdown = "\n".join([
         "# mlfop-bench report",
         "",
@@ -60,12 +62,13 @@ def write_report(sources: list[str], output: str) -> str:
         "",
         table,
         "",
-        "![held-out curves: mean over seeds, band from min to max](curves.png)",
+        "![held-out curves of each optimizer's rates with the most seeds: mean over seeds, band from min to "
+        "max](curves.png)",
         "",
     ])
     target = Path(output)
     staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.absolute().parent))
     (staging / "report.md").write_text(markdown)
-    plot_aggregate(dict(curves), staging / "curves.png")
+    plot_aggregate(plotted, staging / "curves.png")
     os.replace(staging, target)
     return markdown

@@ -12,7 +12,7 @@ from typing import Any
 
 from mlfop.bench.config import METRICS, RunConfig
 
-__all__ = ["setting", "group_label", "aggregate", "markdown_table", "COLUMNS"]
+__all__ = ["setting", "group_label", "aggregate", "most_seeded", "markdown_table", "COLUMNS"]
 
 # (record key, column title, digits)
 COLUMNS = (("gen_nll", "gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "und NLL", 3), ("fd", "FD", 0),
@@ -56,6 +56,18 @@ def aggregate(finals: list[dict[str, Any]]) -> list[dict[str, Any]]:
             runs.append(record)
     return [{"setting": runs[0]["setting"], "optimizer": optimizer, "lr": lr, "runs": runs}
             for (_, optimizer, lr), runs in groups.items()]
+
+
+def most_seeded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of each optimizer in each setting, the rows (learning rates) with the most seeds: after a
+    one-seed sweep and more seeds at the chosen rate, the chosen rate; after a sweep alone, all."""
+    def kind(row: dict[str, Any]) -> str:
+        return json.dumps([row["setting"], row["optimizer"]], sort_keys=True)
+
+    most: dict[str, int] = {}
+    for row in rows:
+        most[kind(row)] = max(most.get(kind(row), 0), len(row["runs"]))
+    return [row for row in rows if len(row["runs"]) == most[kind(row)]]
 
 
 def _plain(value: Any) -> str:
