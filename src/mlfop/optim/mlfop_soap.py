@@ -501,7 +501,7 @@ class MLFOPSOAP(SOAP):
         # A module that one modality alone reaches has nothing to reconcile (the other streams'
         # gradients are exactly zero there); the streams' statistics would count the absent
         # streams as disagreement and shrink its step by sqrt(w_k). It takes SOAP's statistics.
-        single_stream = int(streams.reshape(len(present), -1).ne(0).any(1).sum()) <= 1
+        single_stream = int((streams.reshape(len(present), -1).abs().amax(1) > 0).sum()) <= 1
         if _awaits_first_call(state):
             statistics = self._factor_statistics(streams, weights, preconditioned, single_stream)
             self._init_state(config, param, layout, statistics, bool(streams.any()))
