@@ -67,26 +67,31 @@ def first_update(levels: tuple[str, ...], config: RunConfig, data: DigitsData, l
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, list[float]]]:
+    """Print the table; return the measurements per levels setting (for the tests)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=1024, help="global batch (default 1024, the default job's)")
+    parser.add_argument("--micro-batch", type=int, default=64, help="micro-batch (default 64)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    config = RunConfig().validate()
+    config = RunConfig(batch=args.batch, micro_batch=args.micro_batch).validate()
     train_split, test_split = load_split()
     tokenizer = make_tokenizer(config.tokenizer, train_split.images)
     data = DigitsData(train_split, test_split, tokenizer, config.augment)
     print("| levels | blocks | n | largest envelope ratio | median | largest update/lr |")
     print("|---|---|---|---|---|---|")
+    measured = {}
     for levels in (("global", "layer"), ("global", "layer", "head")):
-        found = first_update(levels, config, data, args.lr)
+        found = measured["+".join(levels)] = first_update(levels, config, data, args.lr)
         for kind in ("layer", "head"):
             if f"{kind} envelope" not in found:
                 continue
             ratios = sorted(found[f"{kind} envelope"])
             print(f"| {'+'.join(levels)} | {kind} | {len(ratios)} | {ratios[-1]:.3g} | "
                   f"{ratios[len(ratios) // 2]:.3g} | {max(found[f'{kind} update/lr']):.4f} |")
+    return measured
 
 
 if __name__ == "__main__":
