@@ -452,3 +452,32 @@ def test_a_module_that_one_stream_reaches_takes_soaps_step():
     moved = torch.cat([p.detach().reshape(-1) for p in own.parameters()]) - start
     reference = torch.cat([p.detach().reshape(-1) for p in alone.parameters()]) - start
     assert float((moved - reference).norm() / reference.norm()) < 1e-4
+
+
+def test_a_module_that_two_of_three_agreeing_streams_reach_takes_soaps_step():
+    """K = 3: ``own`` is reached by the image and text streams with the same gradient (a loss
+    term on the step's first micro-batch, whatever the stream) and not by audio. Unscaled, the
+    statistics would read audio's zeros as disagreement and shrink its step by
+    sqrt(w_image + w_text); scaled by W it is SOAP's."""
+    torch.manual_seed(0)
+    trunk, own = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    alone = copy.deepcopy(own)
+    fop = mlfop.MLFOPSOAP([*trunk.parameters(), *own.parameters()], streams=("image", "text", "audio"), lr=1e-2)
+    soap = mlfop.SOAP(alone.parameters(), lr=1e-2)
+    start = torch.cat([p.detach().reshape(-1) for p in own.parameters()])
+    for step in range(STEPS):
+        batches = _micro_batches(step, count=6)
+        _, z, t = batches[0]
+        for stream, x, y in batches:
+            loss = (trunk(x) - y).pow(2).mean()
+            if stream != "audio":
+                loss = loss + (own(z) - t).pow(2).mean()
+                (alone(z) - t).pow(2).mean().backward()
+            loss.backward()
+            fop.fold(stream)
+        for opt in (fop, soap):
+            opt.step()
+            opt.zero_grad()
+    moved = torch.cat([p.detach().reshape(-1) for p in own.parameters()]) - start
+    reference = torch.cat([p.detach().reshape(-1) for p in alone.parameters()]) - start
+    assert float((moved - reference).norm() / reference.norm()) < 1e-4

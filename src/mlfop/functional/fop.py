@@ -64,7 +64,9 @@ class FOPSystem:
     """One block's FOP quantities in coefficient space (float64, on the CPU).
 
     ``perp[:, k]`` are the coefficients of :math:`g^\\perp_k` over the streams, ``s`` the
-    projections, ``d`` and ``e`` the right-hand side and matrix of the beta solve.
+    projections, ``d`` and ``e`` the right-hand side and matrix of the beta solve; ``spread``
+    and ``spread_reference`` say whether the perpendicular parts are float32 rounding (see
+    :func:`solve_beta`).
     """
 
     weights: Tensor
@@ -73,11 +75,8 @@ class FOPSystem:
     s: Tensor
     d: Tensor
     e: Tensor
-
-    @property
-    def shared_norm(self) -> float:
-        r""":math:`\langle \bar g, \bar g\rangle_{H^{-1}}`, the reference size of the block."""
-        return float(self.weights @ self.gram_hinv @ self.weights)
+    spread: Tensor
+    spread_reference: float
 
 
 def stream_gram_matrices(rotated: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,8 +88,16 @@ def stream_gram_matrices(rotated: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     return gram_h.double().cpu(), gram_hinv.double().cpu()
 
 
-def fop_system(gram_h: Tensor, gram_hinv: Tensor, weights: Tensor, eps_fop: float) -> FOPSystem:
-    """Project each stream's deviation H-orthogonally to the shared component; build ``D``, ``E``."""
+def fop_system(
+    gram_h: Tensor, gram_hinv: Tensor, weights: Tensor, eps_fop: float, gram_e: Tensor | None = None
+) -> FOPSystem:
+    """Project each stream's deviation H-orthogonally to the shared component; build ``D``, ``E``.
+
+    With the Euclidean Gram ``gram_e`` the perpendicular parts are also measured in the plain
+    metric (``spread``), where float32 rounding is relative to the shared component; without it,
+    under :math:`H^{-1}`, which amplifies rounding in eigen-directions where the shared
+    component is small.
+    """
     weights = weights.to(torch.float64)
     k = weights.numel()
     deviation = torch.eye(k, dtype=torch.float64) - weights[:, None]  # column k: e_k - w
@@ -100,23 +107,34 @@ def fop_system(gram_h: Tensor, gram_hinv: Tensor, weights: Tensor, eps_fop: floa
     perp = deviation - weights[:, None] * s[None, :]
     d = perp.T @ gram_hinv @ weights
     e = perp.T @ gram_hinv @ perp
-    return FOPSystem(weights=weights, gram_hinv=gram_hinv, perp=perp, s=s, d=d, e=e)
+    metric = gram_hinv if gram_e is None else gram_e.to(torch.float64)
+    return FOPSystem(weights=weights, gram_hinv=gram_hinv, perp=perp, s=s, d=d, e=e,
+                     spread=perp.T @ metric @ perp, spread_reference=float(weights @ metric @ weights))
 
 
 def solve_beta(
-    d: Tensor, e: Tensor, weights: Tensor, beta_max: float, reference: float = 0.0, rcond: float = 1e-5
+    d: Tensor,
+    e: Tensor,
+    weights: Tensor,
+    beta_max: float,
+    spread: Tensor | None = None,
+    reference: float = 0.0,
+    rcond: float = 1e-5,
 ) -> Tensor:
     r"""Zero-sum solution of ``E beta = D`` (pseudo-inverse with relative cut ``rcond``), clipped.
 
-    Returns zeros when ``E`` is negligible: at most ``1e-10 * reference``, with ``reference``
-    :math:`= \langle \bar g, \bar g\rangle_{H^{-1}}` (perpendicular parts below 1e-5 of the
-    shared component's length are float32 rounding of streams that agree, whose ratio D/E
-    would be noise).
+    Returns zeros when the perpendicular parts are negligible: the largest eigenvalue of
+    ``spread`` (their Gram matrix, :attr:`FOPSystem.spread`; ``E`` if not given) at most
+    ``1e-10 * reference`` (the shared component's squared length in the same metric).
+    Perpendicular parts below 1e-5 of the shared component's length are float32 rounding of
+    streams that agree, whose ratio D/E would be noise.
     """
+    spread = e if spread is None else spread
+    largest_spread = float(torch.linalg.eigvalsh(0.5 * (spread + spread.T)).abs().max())
     e = 0.5 * (e + e.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(e)
     largest = float(eigenvalues.abs().max())
-    if largest <= 1e-10 * reference or largest <= 0.0 or not torch.isfinite(eigenvalues).all():
+    if largest_spread <= 1e-10 * reference or largest <= 0.0 or not torch.isfinite(eigenvalues).all():
         return torch.zeros_like(d)
     keep = eigenvalues > rcond * largest
     coords = (eigenvectors.T @ d)[keep] / eigenvalues[keep]

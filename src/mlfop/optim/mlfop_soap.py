@@ -55,9 +55,10 @@ class _Block:
     second_moment: Tensor
     system: FOPSystem
     gram_h: Tensor
-    gram_e: Tensor | None  # Euclidean Gram, when the noise shrinkage or diagnostics need it
+    gram_e: Tensor  # Euclidean Gram (negligibility of the perpendicular parts, shrinkage, diagnostics)
     sigma_sq: Tensor | None  # (K, groups) sampling variances, groups = heads or 1
-    single_stream: bool  # at most one stream reached the parameter: SOAP's statistics
+    reached: int  # how many streams reach the parameter (a non-zero gradient on it)
+    reach: float  # W: their total weight, which scales the streams' statistics
 
 
 class MLFOPSOAP(SOAP):
@@ -71,8 +72,8 @@ class MLFOPSOAP(SOAP):
 
     .. math::
        \begin{aligned}
-            &F_i \leftarrow \beta_s F_i + (1-\beta_s) \textstyle\sum_k w_k G_{k(i)} G_{k(i)}^\top,
-            \quad h = \sqrt{\beta_2 V + (1-\beta_2) \textstyle\sum_k w_k r_k^2} + \epsilon        \\
+            &F_i \leftarrow \beta_s F_i + (1-\beta_s)\, W \textstyle\sum_k w_k G_{k(i)} G_{k(i)}^\top,
+            \quad h = \sqrt{\beta_2 V + (1-\beta_2)\, W \textstyle\sum_k w_k r_k^2} + \epsilon    \\
             &\bar g = \textstyle\sum_k w_k r_k, \quad
               g^\perp_k = (r_k - \bar g) - s_k \bar g \;\; (\langle g^\perp_k, \bar g\rangle_H = 0),
               \quad \beta = \operatorname{clip}(E^{+} D)                                          \\
@@ -80,7 +81,7 @@ class MLFOPSOAP(SOAP):
               \eta^* = \operatorname{clip}\big(\langle \bar g, g_{comb}\rangle_{H^{-1}} /
                        \langle g_{comb}, g_{comb}\rangle_{H^{-1}}\big)                           \\
             &M \leftarrow \beta_1 M + (1-\beta_1)\, g_{comb}, \quad
-              V \leftarrow \beta_2 V + (1-\beta_2) \max\big(\textstyle\sum_k w_k r_k^2,\, g_{comb}^2\big) \\
+              V \leftarrow \beta_2 V + (1-\beta_2) \max\big(W \textstyle\sum_k w_k r_k^2,\, g_{comb}^2\big) \\
             &\theta \leftarrow \theta - \eta^* \gamma \tfrac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
               \operatorname{unrot}\big(M / (\sqrt{V} + \epsilon)\big), \quad
               \theta \leftarrow \theta(1-\gamma\lambda)
@@ -91,7 +92,8 @@ class MLFOPSOAP(SOAP):
     is the denominator of this very step's SOAP update (the design's :math:`\sqrt{\hat V} +
     \epsilon` up to a constant factor, which every FOP ratio ignores) wherever the streams'
     squares bound :math:`g_{comb}^2`; without a correction they always do (:math:`\bar g^2 \le
-    \sum_k w_k r_k^2`). Where a correction leaves that envelope, :math:`V` takes
+    W \sum_k w_k r_k^2` by Cauchy-Schwarz over the reaching streams). Where a correction leaves
+    that envelope, :math:`V` takes
     :math:`g_{comb}^2`, so no coordinate of the first update exceeds :math:`\gamma`: the head
     masks do not follow the eigenbasis, and per-head coefficients can put energy in
     eigen-coordinates where every stream is small (on the benchmark's first step,
@@ -111,12 +113,13 @@ class MLFOPSOAP(SOAP):
       coupling between heads is dropped, a block-diagonal approximation). One head is exactly
       the layer level. The H heads together cost about one rotation of the K streams.
 
-    A block that at most one stream reaches (a modality-specific module, e.g. Janus's vision
-    encoder or generation head: the other streams' gradients are exactly zero there) has
-    nothing to reconcile and takes SOAP's statistics from :math:`\bar g`
-    (:math:`V \leftarrow \beta_2 V + (1-\beta_2) \bar g^2`, factors from :math:`\bar G`):
-    the streams' statistics would count the absent streams as disagreement and shrink its step
-    by :math:`\sqrt{w_k}`.
+    :math:`W = \sum_{k \text{ reaching}} w_k` is the weight of the streams that reach the block
+    (a non-zero gradient on it); it is 1 unless a modality-specific module, e.g. Janus's vision
+    encoder or generation head, is outside some stream's reach. Unscaled, the streams'
+    statistics would count the absent streams' zeros as disagreement and shrink the step by
+    :math:`\sqrt{W}`; scaled, streams that agree get SOAP's step, and a block that one stream
+    reaches gets exactly SOAP's statistics (:math:`W w_k r_k^2 = \bar g^2`). Such a block skips
+    the head level.
 
     The finest enabled level that applies to a block decides its :math:`\beta`. With the noise
     shrinkage on, each :math:`\beta` is multiplied by :math:`\rho = \max(0, 1 - \nu)`, where
@@ -416,7 +419,7 @@ class MLFOPSOAP(SOAP):
         d_global, e_global = torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
         gram_e_global, sigma_global = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
         norms_sq = torch.zeros(k, dtype=torch.float64)
-        shared_global = 0.0
+        spread_global, spread_reference_global = torch.zeros(k, k, dtype=torch.float64), 0.0
         blocks: dict[str, Any] = {}
         conflicting = counted = 0
         param_names = self._param_names()
@@ -428,20 +431,21 @@ class MLFOPSOAP(SOAP):
             if use_global:
                 d_global += block.system.d
                 e_global += block.system.e
-                shared_global += block.system.shared_norm
+                spread_global += block.system.spread
+                spread_reference_global += block.system.spread_reference
                 if block.sigma_sq is not None:
                     sigma_global += block.sigma_sq.sum(1)
-            if block.gram_e is not None:
-                gram_e_global += block.gram_e
-                counted += 1
-                conflicting += conflicts(block.gram_e)
+            gram_e_global += block.gram_e
+            counted += 1
+            conflicting += conflicts(block.gram_e)
             if (use_layer or block.param in self._folds.head_layouts) and param.dim() >= 2:
                 blocks[block.name] = self._finish_block(block, weights, None, names, detail)
             else:
                 deferred.append(block)
         beta_global = beta_raw_global = torch.zeros(k, dtype=torch.float64)
         if use_global and deferred:
-            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max, shared_global)
+            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max, spread_global,
+                                         spread_reference_global)
             beta_global = beta_raw_global * self._shrink(sigma_global, gram_e_global, weights)[0]
         for block in deferred:
             blocks[block.name] = self._finish_block(block, weights, beta_global, names, detail)
@@ -470,9 +474,9 @@ class MLFOPSOAP(SOAP):
                 names[param] = given[i] if given else f"group{g}.param{i}"
         return names
 
-    def _shrink(self, sigma_sq: Tensor | None, gram_e: Tensor | None, weights: Tensor) -> tuple[float, float | None]:
+    def _shrink(self, sigma_sq: Tensor | None, gram_e: Tensor, weights: Tensor) -> tuple[float, float | None]:
         """``(rho, noise_fraction)``, or ``(1, None)`` with the shrinkage off."""
-        if not self.noise_shrinkage or sigma_sq is None or gram_e is None:
+        if not self.noise_shrinkage or sigma_sq is None:
             return 1.0, None
         return noise_shrinkage(sigma_sq, gram_e, weights)
 
@@ -498,26 +502,23 @@ class MLFOPSOAP(SOAP):
         coef = torch.tensor([sign * scale / a for a in shares], dtype=dtype, device=param.device)
         streams = sums.reshape((len(present), *block_shape)) * coef.view(-1, *[1] * len(block_shape))
         state = self.state[param]
-        # A module that one modality alone reaches has nothing to reconcile (the other streams'
-        # gradients are exactly zero there); the streams' statistics would count the absent
-        # streams as disagreement and shrink its step by sqrt(w_k). It takes SOAP's statistics.
-        single_stream = int((streams.reshape(len(present), -1).abs().amax(1) > 0).sum()) <= 1
+        # Streams whose gradient on this parameter is exactly zero do not reach it (a module of
+        # another modality): their zeros are no disagreement. The statistics are scaled by the
+        # reaching streams' weight W, so a module that one stream reaches gets SOAP's.
+        reaching = (streams.reshape(len(present), -1).abs().amax(1) > 0).cpu()
+        reached, reach = int(reaching.sum()), float(weights[reaching].sum())
         if _awaits_first_call(state):
-            statistics = self._factor_statistics(streams, weights, preconditioned, single_stream)
+            statistics = self._factor_statistics(streams, weights, preconditioned, reach)
             self._init_state(config, param, layout, statistics, bool(streams.any()))
             return None
         exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
         rotated = rotate(streams, bases)
         w = weights.to(dtype=dtype, device=param.device)
-        if single_stream:
-            second_moment = torch.tensordot(w, rotated, dims=1).square()
-        else:
-            second_moment = torch.tensordot(w, rotated.square(), dims=1)
+        second_moment = torch.tensordot(w * reach, rotated.square(), dims=1)
         h = exp_avg_sq.lerp(second_moment, 1.0 - config.betas[1]).sqrt_().add_(config.eps)
         gram_h, gram_hinv = stream_gram_matrices(rotated, h)
-        system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
-        need_e = self.noise_shrinkage or detail > 0
-        gram_e = euclidean_gram(rotated) if need_e else None
+        gram_e = euclidean_gram(rotated)
+        system = fop_system(gram_h, gram_hinv, weights, config.eps_fop, gram_e)
         sigma_sq = None
         if self.noise_shrinkage and param in self._folds.micro_sq:
             layout_h = self._folds.head_layouts.get(param)
@@ -528,7 +529,7 @@ class MLFOPSOAP(SOAP):
             norm_counts = torch.tensor([self._folds.norm_counts[k] for k in present])
             sigma_sq = stream_noise(micro_sq, sums_sq, counts, norm_counts, torch.tensor(shares), scale)
         return _Block(name, config, param, streams, rotated, h, second_moment, system, gram_h, gram_e, sigma_sq,
-                      single_stream)
+                      reached, reach)
 
     def _finish_block(
         self, block: _Block, weights: Tensor, beta: Tensor | None, names: list[str], detail: int
@@ -538,13 +539,14 @@ class MLFOPSOAP(SOAP):
         layout = self._layout(config, param)
         record: dict[str, Any] = {}
         heads = self._folds.head_layouts.get(param)
-        if beta is None and heads is not None and not block.single_stream:
+        if beta is None and heads is not None and block.reached > 1:
             momentum, eta, record = self._combine_heads(block, weights, heads, names, detail)
         else:
             noise_fraction = None
             beta_raw = beta
             if beta is None:
-                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max, block.system.shared_norm)
+                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max, block.system.spread,
+                                      block.system.spread_reference)
                 rho, noise_fraction = self._shrink(
                     None if block.sigma_sq is None else block.sigma_sq.sum(1), block.gram_e, weights
                 )
@@ -555,7 +557,7 @@ class MLFOPSOAP(SOAP):
                 coefficients = combination_coefficients(block.system, beta)
                 eta = step_scale(block.system, coefficients, config.eta_range)
             momentum = combine(block.rotated, coefficients)
-            if detail >= DETAIL_LEVELS.index("block") and block.gram_e is not None:
+            if detail >= DETAIL_LEVELS.index("block"):
                 record = stream_record(
                     names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=beta_raw,
                     beta=beta, eta=eta, noise_fraction=noise_fraction,
@@ -567,7 +569,7 @@ class MLFOPSOAP(SOAP):
             layout,
             momentum_input=momentum,
             second_moment_input=torch.maximum(block.second_moment, momentum.square()),
-            factor_statistics=self._factor_statistics(block.streams, weights, layout[1], block.single_stream),
+            factor_statistics=self._factor_statistics(block.streams, weights, layout[1], block.reach),
             update_scale=eta,
         )
         return record
@@ -589,21 +591,21 @@ class MLFOPSOAP(SOAP):
         momentum = torch.zeros_like(block.rotated[0])
         # Plain inner products need no rotation: one contraction for all heads.
         flat = block.streams.reshape(k, *param.shape)
-        grams_e = head_gram(flat, flat, num_heads, axis) if block.gram_e is not None else None
+        grams_e = head_gram(flat, flat, num_heads, axis)
         corrected = False  # whether any head's combination differs from the shared component
         head_records: dict[str, Any] = {}
         for h, rotated in enumerate(rotate_heads(block.streams, bases, param.shape, num_heads, axis)):
             gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
-            system = fop_system(gram_h, gram_hinv, weights, config.eps_fop)
-            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.shared_norm)
-            gram_e = None if grams_e is None else grams_e[h]
+            system = fop_system(gram_h, gram_hinv, weights, config.eps_fop, grams_e[h])
+            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.spread, system.spread_reference)
+            gram_e = grams_e[h]
             sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
             rho, noise_fraction = self._shrink(sigma, gram_e, weights)
             beta = beta_raw * rho
             coefficients = combination_coefficients(system, beta)
             momentum += combine(rotated, coefficients)
             corrected |= not bool((coefficients == block.system.weights).all())
-            if detail >= DETAIL_LEVELS.index("head") and gram_e is not None:
+            if detail >= DETAIL_LEVELS.index("head"):
                 head_records[str(h)] = stream_record(
                     names, gram_e=gram_e, gram_h=gram_h, s=system.s, beta_raw=beta_raw, beta=beta,
                     eta=step_scale(system, coefficients, config.eta_range), noise_fraction=noise_fraction,
@@ -615,7 +617,7 @@ class MLFOPSOAP(SOAP):
             eta = float((shared * momentum / block.h).sum()) / comb_norm
             eta = min(max(eta, config.eta_range[0]), config.eta_range[1])
         record: dict[str, Any] = {}
-        if detail >= DETAIL_LEVELS.index("block") and block.gram_e is not None:
+        if detail >= DETAIL_LEVELS.index("block"):
             zeros = torch.zeros(len(names), dtype=torch.float64)
             record = stream_record(
                 names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=zeros,
@@ -627,16 +629,17 @@ class MLFOPSOAP(SOAP):
         return momentum, eta, record
 
     def _factor_statistics(
-        self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...], single_stream: bool
+        self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...], reach: float
     ) -> list[Tensor | None]:
-        r"""Kronecker statistics: :math:`\sum_k w_k G_{k(i)} G_{k(i)}^\top` from the streams, or,
-        with ``stream_statistics=False`` or a single stream, :math:`\bar G_{(i)} \bar G_{(i)}^\top`
-        of the shared component (SOAP's own statistic under the natural weights; K - 1 fewer
-        products)."""
+        r"""Kronecker statistics: :math:`W \sum_k w_k G_{k(i)} G_{k(i)}^\top` from the streams
+        (``reach`` :math:`= W`, the weight of the streams that reach the parameter), or, with
+        ``stream_statistics=False``, :math:`\bar G_{(i)} \bar G_{(i)}^\top` of the shared
+        component (SOAP's own statistic under the natural weights; K - 1 fewer products)."""
         w = weights.to(dtype=streams.dtype, device=streams.device)
-        if not self.stream_statistics or single_stream:
+        if not self.stream_statistics:
             return kronecker_statistics(torch.tensordot(w, streams, dims=1), preconditioned)
-        return kronecker_statistics(streams * w.sqrt().view(-1, *[1] * (streams.dim() - 1)), preconditioned)
+        scale = (w * reach).sqrt().view(-1, *[1] * (streams.dim() - 1))
+        return kronecker_statistics(streams * scale, preconditioned)
 
     def _update_stream_norms(self, present: list[int], norms_sq: Tensor) -> None:
         """EMA of each stream's global norm under the inverse metric (for ``"balanced"``)."""
