@@ -115,8 +115,6 @@ def head_gram(a: Tensor, b: Tensor, num_heads: int, axis: int) -> Tensor:
     return gram.to(dtype=torch.float64, device="cpu")
 
 
-
-
 def rotate_heads(
     streams: Tensor, bases: Sequence[Tensor | None], shape: Sequence[int], num_heads: int, axis: int
 ) -> Iterator[Tensor]:
@@ -134,10 +132,11 @@ def rotate_heads(
     heads = split_heads(streams.reshape(k, *shape), num_heads, axis, leading=1)
     aligned = tuple(streams.shape[1:]) == shape
     d = shape[axis] // num_heads
+    basis = bases[axis] if not aligned or bases[axis] is not None else torch.eye(
+        shape[axis], dtype=streams.dtype, device=streams.device
+    )
     for h in range(num_heads):
         if aligned:
-            basis = bases[axis] if bases[axis] is not None else torch.eye(shape[axis], dtype=streams.dtype,
-                                                                          device=streams.device)
             cut = basis[h * d : (h + 1) * d]
             yield rotate(heads[:, h], [cut if i == axis else b for i, b in enumerate(bases)])
         else:

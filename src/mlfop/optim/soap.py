@@ -15,6 +15,7 @@ from mlfop.functional.soap import ema_factors_, first_eigenbasis, soap_block_upd
 from mlfop.optim.config import SOAPConfig
 
 __all__ = ["SOAP"]
+
 # Optimizer-wide values (counters, the balanced weights' norm EMA): saved in every param group.
 _GLOBAL_KEY = "global_state"
 
