@@ -109,7 +109,7 @@ def test_bad_layouts_are_refused():
 @pytest.mark.parametrize(
     "shape,block_shape,num_heads,axis",
     [((8, 6), (8, 6), 4, 0), ((8, 6), (8, 6), 3, 1), ((4, 6, 3), (4, 6, 3), 2, 1), ((4, 6, 3), (4, 6, 3), 3, -1),
-     ((4, 6, 3), (24, 3), 2, 1), ((8, 6), (48,), 4, 0)],  # the last two: dimensions merged by merge_dims
+     ((4, 6, 3), (24, 3), 2, 1), ((8, 6), (48,), 4, 0), ((8, 6), (48,), 3, 1)],  # the last three: merged dims
 )
 @pytest.mark.parametrize("head_axis_rotated", [True, False])
 def test_rotate_heads_equals_rotating_each_masked_tensor(shape, block_shape, num_heads, axis, head_axis_rotated):

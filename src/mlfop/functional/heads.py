@@ -132,9 +132,10 @@ def rotate_heads(
     heads = split_heads(streams.reshape(k, *shape), num_heads, axis, leading=1)
     aligned = tuple(streams.shape[1:]) == shape
     d = shape[axis] // num_heads
-    basis = bases[axis] if not aligned or bases[axis] is not None else torch.eye(
-        shape[axis], dtype=streams.dtype, device=streams.device
-    )
+    basis = None
+    if aligned:
+        basis = bases[axis] if bases[axis] is not None else torch.eye(shape[axis], dtype=streams.dtype,
+                                                                      device=streams.device)
     for h in range(num_heads):
         if aligned:
             cut = basis[h * d : (h + 1) * d]
