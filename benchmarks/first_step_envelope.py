@@ -49,14 +49,14 @@ def first_update(levels: tuple[str, ...], config: RunConfig, data: DigitsData, l
             opt.fold(stream)
         if step == 1:
             streams = opt.current_stream_gradients()
-            before = {p: (p.detach().clone(), [opt.state[p][f"basis_{i}"].clone() for i in range(p.dim())])
-                      for p in params if p.dim() == 2 and opt.state[p]["exp_avg"].shape == p.shape}
+            before = {index: (p.detach().clone(), [opt.state[p][f"basis_{i}"].clone() for i in range(p.dim())])
+                      for index, p in enumerate(params) if p.dim() == 2 and opt.state[p]["exp_avg"].shape == p.shape}
         opt.step()
         opt.zero_grad()
     weights = opt.diagnostics()["weights"]
     heads = mlfop.detect_head_layouts(model.hf) if "head" in levels else {}
-    for p, (theta, bases) in before.items():
-        index = next(i for i, q in enumerate(params) if q is p)
+    for index, (theta, bases) in before.items():
+        p = params[index]
         rotated = rotate(torch.stack([streams[name][index] for name in config.streams]), bases)
         envelope = torch.tensordot(torch.tensor([weights[s] for s in config.streams]), rotated.square(), dims=1)
         combined = opt.state[p]["exp_avg"] / (1.0 - beta1)

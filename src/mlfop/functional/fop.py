@@ -129,11 +129,10 @@ def solve_beta(
     Perpendicular parts below 1e-5 of the shared component's length are float32 rounding of
     streams that agree, whose ratio D/E would be noise.
     """
-    spread = e if spread is None else spread
-    largest_spread = float(torch.linalg.eigvalsh(0.5 * (spread + spread.T)).abs().max())
     e = 0.5 * (e + e.T)
     eigenvalues, eigenvectors = torch.linalg.eigh(e)
     largest = float(eigenvalues.abs().max())
+    largest_spread = largest if spread is None else float(torch.linalg.eigvalsh(0.5 * (spread + spread.T)).abs().max())
     if largest_spread <= 1e-10 * reference or largest <= 0.0 or not torch.isfinite(eigenvalues).all():
         return torch.zeros_like(d)
     keep = eigenvalues > rcond * largest
