@@ -307,20 +307,15 @@ def _attention_module(prefix: str, module: nn.Module, conv1d: type | None):
         if all(p is not None for p in projections):
             separate = list(zip(names, projections))
             break
-    fused = None
-    for name in _FUSED_QKV:
-        projection = _projection(child(name), conv1d)
-        if projection is not None:
-            fused = (name, projection)
-            break
+    def first(names: tuple[str, ...]):
+        """``(name, projection)`` of the first of ``names`` that is a projection, else ``None``."""
+        found = ((name, _projection(child(name), conv1d)) for name in names)
+        return next(((name, projection) for name, projection in found if projection is not None), None)
+
+    fused = first(_FUSED_QKV)
     if separate is None and fused is None:
         return [], []
-    output = None
-    for name in _OUTPUT:
-        projection = _projection(child(name), conv1d)
-        if projection is not None:
-            output = (name, projection)
-            break
+    output = first(_OUTPUT)
 
     num_heads = _read(module, _NUM_HEADS)
     num_kv = _read(module, _NUM_KV_HEADS)
