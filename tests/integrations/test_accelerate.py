@@ -12,7 +12,17 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
 import mlfop
-from tiny_llama import run_example, ACCUM, MICRO, OPT_KWARGS, STREAMS, hand_loop, make_examples, max_rel_diff
+from tiny_llama import (
+    ACCUM,
+    MICRO,
+    OPT_KWARGS,
+    STREAMS,
+    hand_loop,
+    make_examples,
+    max_rel_diff,
+    poison_second_step,
+    run_example,
+)
 from mlfop.integrations.accelerate import StreamFolding, fold_after_backward, loss_tokens, unwrap_optimizer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
@@ -132,14 +142,9 @@ def test_example_script_runs(tmp_path):
 
 def test_skipped_step_ends_the_accumulation(base_model, tmp_path):
     """A step refused for a non-finite gradient: the synced zero_grad() forgets its folds, so save_state works."""
-    calls = []
-
-    def poison(grad):  # the first micro-batch of the second optimizer step gets an inf
-        calls.append(None)
-        return torch.full_like(grad, math.inf) if len(calls) == ACCUM + 1 else grad
 
     with pytest.warns(RuntimeWarning, match="skipped a step"):
         _, _, optimizer = accelerate_run(base_model, make_examples(3), save_at=2, save_dir=tmp_path / "ckpt",
-                                         setup=lambda model: model.lm_head.weight.register_hook(poison))
+                                         setup=poison_second_step)
     assert unwrap_optimizer(optimizer).skipped_steps == 1
     assert (tmp_path / "ckpt").is_dir()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import subprocess
 import sys
 import warnings
@@ -15,7 +14,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import mlfop
-from tiny_llama import run_example, ACCUM, MICRO, OPT_KWARGS, STREAMS, hand_loop, make_examples, max_rel_diff
+from tiny_llama import (
+    ACCUM,
+    MICRO,
+    OPT_KWARGS,
+    STREAMS,
+    hand_loop,
+    make_examples,
+    max_rel_diff,
+    poison_second_step,
+    run_example,
+)
 from mlfop.integrations.accelerate import loss_tokens
 from mlfop.integrations.lightning import MLFOPFolding
 
@@ -122,16 +131,11 @@ def test_example_script_runs(tmp_path):
 
 def test_skipped_step_still_checkpoints(base_model, tmp_path):
     """A step refused for a non-finite gradient ends its accumulation: the next save and step work."""
-    calls = []
-
-    def poison(grad):  # the first micro-batch of the second optimizer step gets an inf
-        calls.append(None)
-        return torch.full_like(grad, math.inf) if len(calls) == ACCUM + 1 else grad
 
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
     with pytest.warns(RuntimeWarning, match="skipped a step"):
         _, trainer = fit(base_model, make_examples(3), max_steps=3, callbacks=[checkpoint],
-                         setup=lambda model: model.lm_head.weight.register_hook(poison))
+                         setup=poison_second_step)
     assert MLFOPFolding.mlfop_optimizer(trainer).skipped_steps == 1
     assert trainer.global_step == 3 and sorted(tmp_path.glob("*step=2*.ckpt"))
 

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 import mlfop
-from tiny_llama import run_example, ACCUM, MICRO, SEQ, STREAMS, make_examples
+from tiny_llama import ACCUM, MICRO, SEQ, STREAMS, make_examples, poison_second_step, run_example
 from mlfop.integrations.transformers import MLFOPTrainer, StreamCollator
 
 LR, WD, BETAS, EPS = 3e-2, 0.1, (0.9, 0.95), 1e-8
@@ -171,13 +171,8 @@ def test_example_script_runs(tmp_path):
 def test_skipped_step_still_checkpoints(base_model, tmp_path):
     """A step refused for a non-finite gradient ends its accumulation: the next save and step work."""
     model = copy.deepcopy(base_model)
-    calls = []
 
-    def poison(grad):  # the first micro-batch of the second optimizer step gets an inf
-        calls.append(None)
-        return torch.full_like(grad, math.inf) if len(calls) == ACCUM + 1 else grad
-
-    model.lm_head.weight.register_hook(poison)
+    poison_second_step(model)
     trainer = MLFOPTrainer(model=model, args=training_args(tmp_path, 3, save_strategy="steps", save_steps=1),
                            train_dataset=make_examples(3), optimizer_kwargs=OPT_KWARGS)
     with pytest.warns(RuntimeWarning, match="skipped a step"):

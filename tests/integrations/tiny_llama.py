@@ -67,6 +67,18 @@ def hand_loop(base_model, examples, steps=None, clip=None, tokens=False, bf16=Fa
     return model, norms
 
 
+def poison_second_step(model: torch.nn.Module) -> None:
+    """Make the gradient of the first micro-batch of the second optimizer step non-finite (inf
+    in ``lm_head.weight``), through a hook on that weight."""
+    calls = []
+
+    def poison(grad):
+        calls.append(None)
+        return torch.full_like(grad, math.inf) if len(calls) == ACCUM + 1 else grad
+
+    model.lm_head.weight.register_hook(poison)
+
+
 def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(
         float((p.detach() - q.detach()).norm() / q.detach().norm().clamp_min(1e-30))
