@@ -7,169 +7,77 @@ records, per stream, what was added since the previous fold. With stream sums :m
 .. math::
     S_k \leftarrow \texttt{p.grad} - \textstyle\sum_{j \ne k} S_j
 
-(:math:`\texttt{p.grad} = \sum_j S_j + \text{micro}` before the fold), one elementwise pass for
-K = 2 and no communication. So everything that reads ``p.grad`` before ``step()`` keeps working
-(DDP's own sync of the last micro-batch, ``clip_grad_norm_``, ``GradScaler``, grad-norm logging),
-and :math:`\sum_k S_k = \texttt{p.grad}` up to a global rescale, which ``step()`` recovers.
+(:math:`\texttt{p.grad} = \sum_j S_j + \text{micro}` before the fold): elementwise work only,
+as multi-tensor (``torch._foreach_*``) operations over all parameters, with no communication
+and no value read back to the host. So everything that reads ``p.grad`` before ``step()`` keeps
+working (DDP's own sync of the last micro-batch, ``clip_grad_norm_``, ``GradScaler``, grad-norm
+logging), and :math:`\sum_k S_k = \texttt{p.grad}` up to a global rescale, which
+:meth:`StreamFolds.finish` recovers and checks.
 
-At the step, stream :math:`k`'s gradient is :math:`g_k = S_k / a_k`, with :math:`a_k` its natural
-share: its fraction of the step's loss tokens (``fold(..., tokens=n)``) or, without token
-counts, of its micro-batches. With the natural weights :math:`w_k = a_k`,
-:math:`\sum_k w_k g_k = \sum_k S_k` is exactly the accumulated gradient, whatever loss
+At the step, stream :math:`k`'s gradient is :math:`g_k = c\, S_k / a_k`, with :math:`a_k` its
+natural share: its fraction of the step's loss tokens (``fold(..., tokens=n)``) or, without
+token counts, of its micro-batches. With the natural weights :math:`w_k = a_k`,
+:math:`\sum_k w_k g_k = c \sum_k S_k` is exactly the accumulated gradient, whatever loss
 normalisation the loop used.
+
+With the noise estimate on, each fold also keeps the squared norms of the micro-gradient it
+folded (per head for the parameters with a head layout), on the parameters' device: level 0
+of the hierarchy, scalars only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from numbers import Real
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from mlfop.functional.heads import split_heads
+from mlfop.functional.streams import natural_shares, rescale_factor, rescale_mismatch
 
-__all__ = ["StreamFolds", "UNTAGGED_STREAMS"]
+__all__ = ["StreamFolds", "FoldCounts", "FinishedFolds", "FoldReducer", "UNTAGGED_STREAMS"]
 
 UNTAGGED_STREAMS = ("even", "odd")
 
+# Temporaries of the rescale check are made for parameters of at most this many elements at once.
+_CHUNK_ELEMENTS = 2**26
 
-class StreamFolds:
-    """The folds of one optimizer step: stacked stream sums and per-stream counts.
 
-    With ``track_norms`` each fold also keeps, per parameter and stream, the sum of squared
-    norms of the folded micro-gradients (level 0 of the hierarchy: scalars only), per head for
-    the parameters in ``head_layouts``: the input of the noise estimate at the step.
-    """
+@dataclass
+class FoldCounts:
+    """The plain counts of a step's folds, per stream (what ranks must agree on and add up)."""
 
-    def __init__(
-        self, names: tuple[str, ...], track_norms: bool = False, head_layouts: dict[Tensor, tuple[int, int]] | None = None
-    ) -> None:
-        self.names = names
-        self.index = {name: k for k, name in enumerate(names)}
-        self.track_norms = track_norms
-        self.head_layouts = head_layouts or {}
-        self.reset()
+    micro_batches: list[int]
+    norm_counts: list[int]  # micro-batches whose norms are in the noise sums
+    tokens: list[float]
+    tokens_given: bool | None  # None before the first fold
+    last_stream: int = -1
 
-    def reset(self) -> None:
-        """Forget this step's folds (after ``step()`` or ``zero_grad()``)."""
-        self.buffers: dict[Tensor, Tensor] = {}
-        self.micro_sq: dict[Tensor, Tensor] = {}  # (K, heads or 1) float64 sums of |micro|^2
-        self.norm_counts = [0] * len(self.names)  # micro-batches whose norms are in micro_sq
-        self._last_norms: dict[Tensor, Tensor] = {}  # the latest fold's, not yet in micro_sq
-        self.last_stream = -1
-        self.micro_batches = [0] * len(self.names)
-        self.tokens = [0.0] * len(self.names)
-        self.tokens_given: bool | None = None
-        self.reduced = False  # set once the sums were averaged across data-parallel ranks
 
-    @property
-    def active(self) -> bool:
-        """Whether any fold happened since the last reset."""
-        return any(self.micro_batches)
+class FoldReducer(Protocol):
+    """Combines the folds of data-parallel ranks (see :mod:`mlfop.distributed`)."""
 
-    def resolve(self, stream: str | None) -> int:
-        """Index of ``stream``; ``None`` alternates between the two untagged streams."""
-        if stream is None:
-            if self.names != UNTAGGED_STREAMS:
-                raise ValueError(
-                    f"fold() needs a stream name, one of {list(self.names)}; untagged folding "
-                    f"(stream=None) is for optimizers built with streams=None"
-                )
-            return sum(self.micro_batches) % 2
-        if stream not in self.index:
-            raise ValueError(
-                f"unknown stream {stream!r}; this optimizer was built with streams={list(self.names)}: "
-                f"fold one of those, or add the name to streams="
-            )
-        return self.index[stream]
+    def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
+        """Check the ranks agree on ``counts``, average ``stream_sums`` (per present stream, its
+        buffers) and add up ``noise_sums`` in place; return the global counts."""
 
-    def fold(self, stream: str | None, params: Iterable[Tensor], tokens: Real | Tensor | None) -> None:
-        """Record what the last micro-batch(es) added to ``p.grad`` as stream ``stream``."""
-        k = self.resolve(stream)
-        token_count = _check_tokens(tokens)
-        if self.tokens_given is not None and self.tokens_given != (token_count is not None):
-            raise ValueError(
-                "fold(tokens=...) must be given for every fold of a step or for none; "
-                "pass the number of loss tokens of each micro-batch, or leave tokens out everywhere"
-            )
-        with_grad = [p for p in params if p.grad is not None]
-        if not with_grad:
-            raise ValueError(
-                "fold() found no gradient on any parameter; call it after loss.backward() of the "
-                "micro-batch, before optimizer.zero_grad()"
-            )
-        for param in with_grad:
-            if param.grad.layout != torch.strided:
-                raise TypeError("fold() does not support sparse gradients; use dense ones")
-        self.commit_last_norms()
-        for param in with_grad:
-            self._fold_param(param, k)
-        self.micro_batches[k] += 1
-        self.last_stream = k
-        self.tokens_given = token_count is not None
-        if token_count is not None:
-            self.tokens[k] += token_count
+    def any(self, flags: Tensor) -> Tensor:
+        """The element-wise maximum of ``flags`` over the ranks."""
 
-    def _fold_param(self, param: Tensor, k: int) -> None:
-        buffer = self.buffers.get(param)
-        if buffer is None:
-            dtype = torch.promote_types(param.dtype, torch.float32)
-            buffer = torch.zeros((len(self.names), *param.shape), dtype=dtype, device=param.device)
-            self.buffers[param] = buffer
-        if self.track_norms:
-            micro = param.grad - buffer.sum(0)
-            self._add_micro_norms(param, k, micro)
-            buffer[k].add_(micro)
-            return
-        others = [j for j in range(len(self.names)) if j != k]
-        torch.sub(param.grad, buffer[others[0]], out=buffer[k])
-        for j in others[1:]:
-            buffer[k].sub_(buffer[j])
 
-    def _add_micro_norms(self, param: Tensor, k: int, micro: Tensor) -> None:
-        layout = self.head_layouts.get(param)
-        if layout is None:
-            norms = micro.square().sum().reshape(1)
-        else:
-            norms = split_heads(micro, *layout).square().flatten(1).sum(1)
-        self._last_norms[param] = norms.double().cpu()
+@dataclass
+class FinishedFolds:
+    """The folds of a step, reduced and checked: what the step needs from them."""
 
-    def commit_last_norms(self, keep: bool = True) -> None:
-        """Add the latest fold's micro norms to the sums (``keep``), or drop them.
-
-        Under DDP the last micro-batch before the step is the synced one: its "micro-gradient"
-        is the rank average minus this rank's earlier folds, not a sample, so it is dropped.
-        """
-        if self._last_norms and keep:
-            for param, norms in self._last_norms.items():
-                sums = self.micro_sq.get(param)
-                if sums is None:
-                    sums = torch.zeros(len(self.names), norms.numel(), dtype=torch.float64)
-                    self.micro_sq[param] = sums
-                sums[self.last_stream] += norms
-            self.norm_counts[self.last_stream] += 1
-        self._last_norms = {}
-
-    def present(self) -> list[int]:
-        """Indices of the streams folded at least once this step."""
-        return [k for k, n in enumerate(self.micro_batches) if n > 0]
-
-    def present_sums(self, param: Tensor, present: list[int]) -> Tensor:
-        """Stacked sums of the present streams for ``param`` (a view when all are present)."""
-        buffer = self.buffers[param]
-        return buffer if len(present) == len(self.names) else buffer[present]
-
-    def shares(self, present: list[int]) -> list[float]:
-        """Natural shares ``a_k`` of the present streams (tokens, else micro-batches)."""
-        counts = self.tokens if self.tokens_given else [float(n) for n in self.micro_batches]
-        total = sum(counts[k] for k in present)
-        return [counts[k] / total for k in present]
-
-    def buffer_bytes(self) -> int:
-        """Bytes held in stream buffers (at most K gradient-sized buffers per parameter)."""
-        return sum(buffer.nbytes for buffer in self.buffers.values())
+    present: list[int]  # indices of the streams folded this step
+    shares: list[float]  # their natural shares a_k
+    scale: Tensor  # c: p.grad = c * sum_k S_k (0-d)
+    reach: dict[Tensor, tuple[bool, ...]] = field(default_factory=dict)  # per folded parameter
 
 
 def _check_tokens(tokens: Real | Tensor | None) -> float | None:
@@ -185,3 +93,297 @@ def _check_tokens(tokens: Real | Tensor | None) -> float | None:
             f"leave tokens out to weight streams by micro-batch counts"
         )
     return float(tokens)
+
+
+def _chunks(items: Sequence[Any], numel: Any) -> Iterable[Sequence[Any]]:
+    """Consecutive runs of ``items`` of at most :data:`_CHUNK_ELEMENTS` elements (at least one item)."""
+    start, size = 0, 0
+    for i, item in enumerate(items):
+        if i > start and size + numel(item) > _CHUNK_ELEMENTS:
+            yield items[start:i]
+            start, size = i, 0
+        size += numel(item)
+    if start < len(items):
+        yield items[start:]
+
+
+def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
+    """Each tensor's norm (0-d), computed and returned in float32 at least (so that a bf16
+    gradient's norm is not rounded to bf16); ``[]`` for no tensors."""
+    norms: list[Tensor | None] = [None] * len(tensors)
+    low = [t.dtype in (torch.float16, torch.bfloat16) for t in tensors]
+    for widen in (True, False):
+        chosen = [i for i, flag in enumerate(low) if flag == widen]
+        if chosen:
+            found = torch._foreach_norm([tensors[i] for i in chosen], ord, dtype=torch.float32 if widen else None)
+            for i, norm in zip(chosen, found):
+                norms[i] = norm
+    return norms
+
+
+def _sum_sq(norms: list[Tensor]) -> Tensor:
+    """:math:`\\sum_i n_i^2` in float64 of 0-d norms (0 for none)."""
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(norms).double().square().sum()
+
+
+class StreamFolds:
+    """The folds of one optimizer step: stacked stream sums, per-stream counts and noise sums.
+
+    ``track_norms`` keeps the noise sums, per head for the parameters in ``head_layouts``.
+    """
+
+    def __init__(
+        self, names: tuple[str, ...], track_norms: bool = False, head_layouts: dict[Tensor, tuple[int, int]] | None = None
+    ) -> None:
+        self.names = names
+        self._index = {name: k for k, name in enumerate(names)}
+        self._track_norms = track_norms
+        self._head_layouts = dict(head_layouts or {})
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget this step's folds (after ``step()`` or ``zero_grad()``)."""
+        k = len(self.names)
+        self._buffers: dict[Tensor, Tensor] = {}
+        self._counts = FoldCounts([0] * k, [0] * k, [0.0] * k, None)
+        self._noise_slots: dict[Tensor, slice] = {}  # each parameter's groups in the noise sums
+        self._noise_order: list[Tensor] = []  # the parameters in the order of their slots
+        self._noise_sums: Tensor | None = None  # (K, groups) float64 sums of |micro|^2
+        self._pending_norms: Tensor | None = None  # the latest fold's, not yet in the sums
+        self._grad_versions: list[tuple[weakref.ref, int]] | None = None
+        self._reduced = False  # set once the sums were averaged across data-parallel ranks
+
+    # ------------------------------------------------------------------ state queries
+    @property
+    def active(self) -> bool:
+        """Whether any fold happened since the last reset."""
+        return any(self._counts.micro_batches)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether the sums were already reduced across ranks (a refused step cannot redo it)."""
+        return self._reduced
+
+    def present(self) -> list[int]:
+        """Indices of the streams folded at least once this step."""
+        return [k for k, n in enumerate(self._counts.micro_batches) if n > 0]
+
+    def shares(self, present: Sequence[int]) -> list[float]:
+        """Natural shares ``a_k`` of the ``present`` streams (tokens, else micro-batches)."""
+        counts = self._counts.tokens if self._counts.tokens_given else [float(n) for n in self._counts.micro_batches]
+        return natural_shares([counts[k] for k in present])
+
+    def has(self, param: Tensor) -> bool:
+        """Whether any fold saw a gradient on ``param``."""
+        return param in self._buffers
+
+    def sums(self, param: Tensor, present: Sequence[int]) -> Tensor:
+        """``(len(present), *param.shape)``: the present streams' sums for ``param`` (a view when
+        every stream is present; zeros for a parameter no fold saw)."""
+        buffer = self._buffers.get(param)
+        if buffer is None:
+            return torch.zeros((len(present), *param.shape), dtype=torch.promote_types(param.dtype, torch.float32),
+                               device=param.device)
+        return buffer if len(present) == len(self.names) else buffer[list(present)]
+
+    def noise_inputs(self, param: Tensor, present: Sequence[int]) -> tuple[Tensor, list[int], list[int]] | None:
+        """``(noise_sums (K, groups), micro_batches, norm_counts)`` of the present streams, or
+        ``None`` without the noise estimate or without a measured fold of ``param``."""
+        slot = self._noise_slots.get(param)
+        if slot is None or self._noise_sums is None:
+            return None
+        counts = self._counts
+        return (self._noise_sums[list(present), slot], [counts.micro_batches[k] for k in present],
+                [counts.norm_counts[k] for k in present])
+
+    def buffer_bytes(self) -> int:
+        """Bytes held in stream buffers (at most K gradient-sized buffers per parameter)."""
+        return sum(buffer.nbytes for buffer in self._buffers.values())
+
+    # ------------------------------------------------------------------------- folding
+    def _resolve(self, stream: str | None) -> int:
+        if stream is None:
+            if self.names != UNTAGGED_STREAMS:
+                raise ValueError(
+                    f"fold() needs a stream name, one of {list(self.names)}; untagged folding "
+                    f"(stream=None) is for optimizers built with streams=None"
+                )
+            return sum(self._counts.micro_batches) % 2
+        if stream not in self._index:
+            raise ValueError(
+                f"unknown stream {stream!r}; this optimizer was built with streams={list(self.names)}: "
+                f"fold one of those, or add the name to streams="
+            )
+        return self._index[stream]
+
+    def fold(self, stream: str | None, params: Iterable[Tensor], tokens: Real | Tensor | None) -> None:
+        """Record what the last micro-batch(es) added to ``p.grad`` as stream ``stream``."""
+        k = self._resolve(stream)
+        token_count = _check_tokens(tokens)
+        counts = self._counts
+        if counts.tokens_given is not None and counts.tokens_given != (token_count is not None):
+            raise ValueError(
+                "fold(tokens=...) must be given for every fold of a step or for none; "
+                "pass the number of loss tokens of each micro-batch, or leave tokens out everywhere"
+            )
+        with_grad = [p for p in params if p.grad is not None]
+        if not with_grad:
+            raise ValueError(
+                "fold() found no gradient on any parameter; call it after loss.backward() of the "
+                "micro-batch, before optimizer.zero_grad()"
+            )
+        if any(p.grad.layout != torch.strided for p in with_grad):
+            raise TypeError("fold() does not support sparse gradients; use dense ones")
+        if self._unchanged_since_last_fold(with_grad):
+            raise ValueError(
+                "fold() found p.grad unchanged since the previous fold: call fold() once after each "
+                "micro-batch's backward(); folding twice would count the same gradient twice"
+            )
+        self._commit_pending_norms()
+        for param in with_grad:
+            if param not in self._buffers:
+                dtype = torch.promote_types(param.dtype, torch.float32)
+                self._buffers[param] = torch.zeros((len(self.names), *param.shape), dtype=dtype, device=param.device)
+        grads = [p.grad for p in with_grad]
+        buffers = [self._buffers[p] for p in with_grad]
+        own = [b[k] for b in buffers]
+        if self._track_norms:
+            totals = [b.sum(0) for b in buffers] if len(self.names) > 2 else torch._foreach_add(
+                [b[0] for b in buffers], [b[1] for b in buffers])
+            micro = torch._foreach_sub(grads, totals)
+            self._pending_norms = self._micro_norms(with_grad, micro)
+            torch._foreach_add_(own, micro)
+        else:
+            torch._foreach_copy_(own, grads)
+            for j in range(len(self.names)):
+                if j != k:
+                    torch._foreach_sub_(own, [b[j] for b in buffers])
+        counts.micro_batches[k] += 1
+        counts.last_stream = k
+        counts.tokens_given = token_count is not None
+        if token_count is not None:
+            counts.tokens[k] += token_count
+        # Weak references: a gradient replaced by a new tensor must not be mistaken for the old
+        # one whose id it may reuse, and no old gradient is kept alive.
+        self._grad_versions = [(weakref.ref(p.grad), p.grad._version) for p in with_grad]
+
+    def _unchanged_since_last_fold(self, with_grad: list[Tensor]) -> bool:
+        """Whether every gradient is the tensor of the previous fold, not modified since (its
+        version counter, which every in-place accumulation bumps): no host read."""
+        seen = self._grad_versions
+        return seen is not None and len(seen) == len(with_grad) and all(
+            ref() is p.grad and version == p.grad._version for (ref, version), p in zip(seen, with_grad)
+        )
+
+    def _micro_norms(self, params: list[Tensor], micro: list[Tensor]) -> Tensor:
+        """The squared norms of this fold's micro-gradients, laid out as the noise sums' groups."""
+        for param in params:
+            if param not in self._noise_slots:
+                start = self._noise_slots[self._noise_order[-1]].stop if self._noise_order else 0
+                groups = self._head_layouts[param][0] if param in self._head_layouts else 1
+                self._noise_slots[param] = slice(start, start + groups)
+                self._noise_order.append(param)
+        plain = [i for i, p in enumerate(params) if p not in self._head_layouts]
+        norms: list[Tensor | None] = [None] * len(params)
+        for i, norm in zip(plain, _norms([micro[i] for i in plain])):
+            norms[i] = norm.view(1)
+        for i, param in enumerate(params):
+            if norms[i] is None:
+                norms[i] = split_heads(micro[i], *self._head_layouts[param]).flatten(1).norm(dim=1, dtype=torch.float32)
+        flat = torch.cat(norms).double().square()
+        if len(params) == len(self._noise_order) and all(a is b for a, b in zip(params, self._noise_order)):
+            return flat
+        total = self._noise_slots[self._noise_order[-1]].stop
+        pending = torch.zeros(total, dtype=torch.float64, device=flat.device)
+        index = torch.cat([torch.arange(self._noise_slots[p].start, self._noise_slots[p].stop) for p in params])
+        return pending.index_copy_(0, index.to(flat.device), flat)
+
+    def _commit_pending_norms(self, keep: bool = True) -> None:
+        """Add the latest fold's micro norms to the noise sums (``keep``), or drop them.
+
+        Under DDP the last micro-batch before the step is the synced one: its "micro-gradient"
+        is the rank average minus this rank's earlier folds, not a sample, so it is dropped.
+        """
+        pending, self._pending_norms = self._pending_norms, None
+        if pending is None or not keep:
+            return
+        k = self._counts.last_stream
+        if self._noise_sums is None:
+            self._noise_sums = torch.zeros(len(self.names), pending.numel(), dtype=torch.float64, device=pending.device)
+        elif self._noise_sums.shape[1] < pending.numel():
+            grown = pending.numel() - self._noise_sums.shape[1]
+            self._noise_sums = torch.nn.functional.pad(self._noise_sums, (0, grown))
+        self._noise_sums[k, : pending.numel()] += pending
+        self._counts.norm_counts[k] += 1
+
+    # --------------------------------------------------------------------------- finish
+    def finish(self, grads: Sequence[tuple[Tensor, Tensor]], reducer: FoldReducer | None) -> FinishedFolds:
+        """Reduce the folds across ranks (``reducer``), then check ``p.grad`` against them.
+
+        ``grads`` are the ``(param, grad)`` pairs of the step. Returns the present streams, their
+        shares, the global factor :math:`c` with ``p.grad = c * sum_k S_k`` and, per folded
+        parameter, which present streams reach it (a non-zero sum). Raises ``ValueError`` (on
+        every rank) when ``p.grad`` changed after the last fold by more than a global factor;
+        nothing is changed then but the reduction. One host read, for the mismatch flag and the
+        reach of every parameter together.
+        """
+        self._commit_pending_norms(keep=reducer is None)  # under DDP the last fold is the synced one
+        folded = [(p, g) for p, g in grads if p in self._buffers]
+        if reducer is not None and not self._reduced:
+            stream_sums = [[self._buffers[p][k] for p, _ in folded] for k in self.present()]
+            self._counts = reducer.reduce(self._counts, stream_sums, self._noise_sums)
+            self._reduced = True
+        present = self.present()
+        sums = [self.sums(p, present) for p, _ in folded]
+        grad_sq = _sum_sq(_norms([g for _, g in grads]))
+        streams_sq = _sum_sq(_norms(sums))
+        largest = _norms([s[i] for s in sums for i in range(len(present))], float("inf"))
+        sums_sq, residuals = self._rescale_pass(folded, sums)
+        scale = rescale_factor(grad_sq.to(streams_sq.device), sums_sq)
+        residual_sq = _sum_sq([*residuals(scale), *_norms([g for p, g in grads if p not in self._buffers])])
+        mismatch = rescale_mismatch(residual_sq.to(scale.device), grad_sq.to(scale.device), streams_sq, scale, len(present))
+        if reducer is not None:
+            mismatch = reducer.any(mismatch.double()) > 0
+        flags = torch.cat([mismatch.view(1).double(), (torch.stack(largest) > 0).double()]) if largest else mismatch.view(1).double()
+        read = flags.tolist()
+        if read[0]:
+            residual, total = float(residual_sq.sqrt()), float(grad_sq.sqrt())
+            raise ValueError(
+                "p.grad no longer matches the folded streams beyond a global scale (relative "
+                f"residual {residual / max(total, 1e-300):.3g}): fold() after every micro-batch's "
+                "backward, change p.grad after the last fold only by a global factor "
+                "(clip_grad_norm_, GradScaler.unscale_), and under DDP let the last micro-batch sync "
+                "(no_sync() on the others only). No parameter or state was changed."
+            )
+        k = len(present)
+        reach = {p: tuple(bool(read[1 + i * k + j]) for j in range(k)) for i, (p, _) in enumerate(folded)}
+        return FinishedFolds(present, self.shares(present), scale, reach)
+
+    def _rescale_pass(self, folded: list[tuple[Tensor, Tensor]], sums: list[Tensor]):
+        """``(||sum_k S_k||^2, residuals)``: the totals' squared norm, and a function of ``c``
+        giving the norms of ``p.grad - c sum_k S_k``; temporaries are made chunk by chunk."""
+        pairs = list(zip(folded, sums))
+        chunks = list(_chunks(pairs, lambda pair: pair[1][0].numel()))
+        sums_sq = _sum_sq([n for chunk in chunks for n in _norms([s.sum(0) for _, s in chunk])])
+
+        def residuals(scale: Tensor) -> list[Tensor]:
+            norms = []
+            for chunk in chunks:
+                scaled = torch._foreach_mul([s.sum(0) for _, s in chunk], scale.to(chunk[0][1].dtype))
+                norms += _norms(torch._foreach_sub([g.to(s.dtype) for (_, g), s in chunk], scaled))
+            return norms
+
+        return sums_sq, residuals
+
+    # ------------------------------------------------------------------ reading back
+    def stream_gradients(self, params: Sequence[Tensor]) -> dict[str, list[Tensor | None]]:
+        """This rank's ``g_k = S_k / a_k`` of the folds so far, per parameter (``None`` for a
+        parameter no fold saw), before any rescale of ``p.grad`` and any cross-rank reduction."""
+        present = self.present()
+        shares = self.shares(present) if present else []
+        return {
+            self.names[k]: [self._buffers[p][k] / share if p in self._buffers else None for p in params]
+            for k, share in zip(present, shares)
+        }

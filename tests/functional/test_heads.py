@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from mlfop.functional.heads import check_head_layout, head_gram, rotate_heads, split_heads
+from mlfop.functional.fop import combine_block, fop_system, stream_grams
+from mlfop.functional.heads import check_head_layout, combine_heads, rotate_heads, split_heads
 from mlfop.functional.rotation import rotate
 
 
@@ -50,46 +51,6 @@ def test_split_heads_is_a_view():
     assert torch.equal(x, expected)
 
 
-def _gram_loop(a, b, num_heads, axis):
-    k = a.shape[0]
-    out = torch.zeros(num_heads, k, k, dtype=torch.float64)
-    for h in range(num_heads):
-        for i in range(k):
-            for j in range(k):
-                slice_a, slice_b = _slice(a[i], num_heads, axis, h), _slice(b[j], num_heads, axis, h)
-                out[h, i, j] = (slice_a.double() * slice_b.double()).sum()
-    return out
-
-
-@pytest.mark.parametrize(
-    "shape,num_heads,axis", [((12, 5), 4, 0), ((5, 12), 3, 1), ((4, 6, 3), 2, 1), ((6, 3, 2), 3, -3)]
-)
-def test_head_gram_equals_loop_of_slice_dot_products(shape, num_heads, axis):
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(3, *shape, generator=g, dtype=torch.float64)
-    b = torch.randn(3, *shape, generator=g, dtype=torch.float64)
-    gram = head_gram(a, b, num_heads, axis)
-    assert gram.dtype == torch.float64 and gram.shape == (num_heads, 3, 3)
-    torch.testing.assert_close(gram, _gram_loop(a, b, num_heads, axis), rtol=1e-12, atol=1e-12)
-
-
-def test_head_gram_non_contiguous_float32_input():
-    a = torch.randn(2, 8, 12).transpose(1, 2)  # (2, 12, 8), non-contiguous
-    b = torch.randn(2, 12, 8)
-    gram = head_gram(a, b, 4, 1)
-    assert gram.dtype == torch.float64
-    torch.testing.assert_close(gram, _gram_loop(a, b, 4, 1), rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("axis", [0, 1])
-def test_single_head_gram_equals_whole_block_gram(axis):
-    a, b = torch.randn(4, 6, 10, dtype=torch.float64), torch.randn(4, 6, 10, dtype=torch.float64)
-    whole = a.reshape(4, -1) @ b.reshape(4, -1).T
-    torch.testing.assert_close(head_gram(a, b, 1, axis)[0], whole, rtol=1e-12, atol=1e-12)
-    # and the heads of any layout add up to it
-    torch.testing.assert_close(head_gram(a, b, 2, axis).sum(0), whole, rtol=1e-12, atol=1e-12)
-
-
 def test_bad_layouts_are_refused():
     with pytest.raises(ValueError, match=r"num_heads=5 does not divide axis 0 \(size 12\).*\(12, 8\)"):
         split_heads(torch.zeros(12, 8), 5, 0)
@@ -99,8 +60,6 @@ def test_bad_layouts_are_refused():
         check_head_layout((12, 8), 2.0, 0)
     with pytest.raises(ValueError, match="num_heads must be >= 1"):
         check_head_layout((12, 8), 0, 0)
-    with pytest.raises(ValueError, match="same shape"):
-        head_gram(torch.zeros(2, 4, 4), torch.zeros(3, 4, 4), 2, 0)
     assert check_head_layout((12, 8), 4, -2) == (4, 0)
 
 
@@ -125,3 +84,53 @@ def test_rotate_heads_equals_rotating_each_masked_tensor(shape, block_shape, num
         masked = torch.zeros_like(streams)
         split_heads(masked, num_heads, axis, leading=1)[:, h] = split_heads(streams, num_heads, axis, leading=1)[:, h]
         assert torch.allclose(fast, rotate(masked.reshape(2, *block_shape), bases), rtol=0, atol=1e-12)
+
+
+def test_rotate_heads_of_a_batch_with_batched_bases_equals_each_block_alone():
+    gen = torch.Generator().manual_seed(1)
+    streams = torch.randn(3, 2, 8, 6, generator=gen, dtype=torch.float64)  # (B, K, *shape)
+    bases = [torch.linalg.qr(torch.randn(3, n, n, generator=gen, dtype=torch.float64))[0] for n in (8, 6)]
+    batched = list(rotate_heads(streams, bases, (8, 6), 4, 0))
+    for b in range(3):
+        alone = list(rotate_heads(streams[b], [q[b] for q in bases], (8, 6), 4, 0))
+        for fast, single in zip(batched, alone):
+            torch.testing.assert_close(fast[b], single, rtol=0, atol=1e-12)
+
+
+def _head_inputs(heads, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    streams = torch.randn(2, 2, 8, 6, generator=gen, dtype=torch.float64)  # (B, K, 8, 6)
+    bases = [torch.linalg.qr(torch.randn(2, n, n, generator=gen, dtype=torch.float64))[0] for n in (8, 6)]
+    rotated = rotate(streams, bases)
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    second_moment = 0.5 * rotated.square().sum(1)
+    h = second_moment.sqrt() + 1e-3
+    kwargs = dict(eps_fop=0.0, beta_max=1.0, eta_range=(1 / 3, 1.0))
+    return streams, rotated, second_moment, h, bases, weights, kwargs
+
+
+def test_one_head_is_the_layer_level():
+    streams, rotated, second_moment, h, bases, weights, kwargs = _head_inputs(1)
+    heads = combine_heads(streams, rotated, second_moment, h, bases, (8, 6), (1, 0), weights, None, **kwargs)
+    flat = rotated.reshape(2, 2, -1)
+    system = fop_system(*stream_grams(flat, h.reshape(2, -1)), weights, 0.0)
+    layer = combine_block(flat, second_moment.reshape(2, -1), system, beta_max=1.0, eta_range=(1 / 3, 1.0))
+    torch.testing.assert_close(heads.momentum, layer.momentum, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(heads.beta[:, 0], layer.beta, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(heads.eta, layer.eta, rtol=1e-10, atol=1e-12)
+
+
+def test_each_head_combines_its_masked_streams_and_the_sum_is_rotated_once():
+    streams, rotated, second_moment, h, bases, weights, kwargs = _head_inputs(4)
+    heads = combine_heads(streams, rotated, second_moment, h, bases, (8, 6), (4, 0), weights, None, **kwargs)
+    expected = torch.zeros(2, 48, dtype=torch.float64)
+    for head in range(4):
+        masked = torch.zeros_like(streams)
+        masked[:, :, 2 * head : 2 * head + 2] = streams[:, :, 2 * head : 2 * head + 2]
+        flat = rotate(masked, bases).reshape(2, 2, -1)
+        system = fop_system(*stream_grams(flat, h.reshape(2, -1)), weights, 0.0)
+        alone = combine_block(flat, second_moment.reshape(2, -1), system, beta_max=1.0, eta_range=(1 / 3, 1.0))
+        torch.testing.assert_close(heads.beta[:, head], alone.beta, rtol=1e-9, atol=1e-12)
+        expected += alone.momentum
+    torch.testing.assert_close(heads.momentum, expected, rtol=1e-10, atol=1e-12)
+    assert heads.second_moment.shape == (2, 48) and bool((heads.second_moment >= heads.momentum.square()).all())

@@ -160,8 +160,10 @@ def test_diagnostics_equal_direct_computations():
         a, b = grads["image"][i].flatten(), grads["text"][i].flatten()
         assert stats["blocks"][name]["cos"] == pytest.approx(float(a @ b / (a.norm() * b.norm())), abs=1e-5)
         assert stats["blocks"][name]["norm_ratio"] == pytest.approx(float(a.norm() / b.norm()), rel=1e-5)
-    norms = {k: float(torch.cat([g.flatten() for g in grads[k]]).norm()) for k in grads}
-    assert stats["norms"] == pytest.approx(norms, rel=1e-5)
+    whole = {k: torch.cat([g.flatten() for g in grads[k]]) for k in grads}
+    assert stats["norms"] == pytest.approx({k: float(g.norm()) for k, g in whole.items()}, rel=1e-5)
+    cos = float(whole["image"] @ whole["text"] / (whole["image"].norm() * whole["text"].norm()))
+    assert stats["cos"] == pytest.approx(cos, abs=1e-5) and -1.0 <= stats["cos_h"] <= 1.0
     assert stats["weights"] == pytest.approx({"image": 0.5, "text": 0.5})
     conflicting = sum(stats["blocks"][n]["cos"] < 0 for n in names) / len(names)
     assert stats["conflict_fraction"] == pytest.approx(conflicting)
@@ -175,7 +177,8 @@ def test_diagnostics_equal_direct_computations():
             o.fold("text")
             o.step()
             o.zero_grad()
-    assert set(global_only.diagnostics()) == {"streams", "weights", "norms_hinv", "norms", "conflict_fraction", "global"}
+    assert set(global_only.diagnostics()) == {"streams", "weights", "norms_hinv", "norms", "cos", "cos_h",
+                                              "conflict_fraction", "global"}
     assert off.diagnostics() == {}
     model(torch.ones(2, 8)).sum().backward()
     global_only.step()  # a step without folds is plain SOAP: no heterogeneity to report

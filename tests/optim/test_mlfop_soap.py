@@ -173,16 +173,16 @@ def test_weight_modes():
     model = _model()
     for mode, expected in (("fixed", {"image": 0.5, "text": 0.5}), ({"image": 3.0, "text": 1.0}, {"image": 0.75, "text": 0.25})):
         opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights=mode)
-        (model(torch.ones(2, 8)).sum()).backward()
-        opt.fold("image", tokens=1)
-        opt.fold("text", tokens=3)
+        for stream, tokens in (("image", 1), ("text", 3)):
+            (model(torch.ones(2, 8)).sum()).backward()
+            opt.fold(stream, tokens=tokens)
         assert opt.current_stream_weights() == pytest.approx(expected)
         opt.zero_grad()
     # Without the global level the weights are the natural (token) shares.
     opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights="fixed", levels=("layer",))
-    model(torch.ones(2, 8)).sum().backward()
-    opt.fold("image", tokens=1)
-    opt.fold("text", tokens=3)
+    for stream, tokens in (("image", 1), ("text", 3)):
+        model(torch.ones(2, 8)).sum().backward()
+        opt.fold(stream, tokens=tokens)
     assert opt.current_stream_weights() == pytest.approx({"image": 0.25, "text": 0.75})
 
 
@@ -399,10 +399,10 @@ def test_zero_gradient_lr0_step_after_folds_has_no_nan():
     opt = mlfop.MLFOPSOAP(model.parameters(), lr=0.0)
     before = _flat(model)
     for _ in range(3):
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p)
-        opt.fold("image")
-        opt.fold("text")
+        for stream in ("image", "text"):
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p)  # a fresh tensor for each micro-batch, as in a hand loop
+            opt.fold(stream)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             opt.step()

@@ -455,7 +455,7 @@ def test_state_dict_survives_weights_only_load():
     state_dict = opt.state_dict()
     loaded = _saved_and_loaded(state_dict)
     assert loaded.keys() == {"state", "param_groups"}
-    assert _global(loaded) == {"skipped_steps": 0, "basis_failures": 0}
+    assert _global(loaded) == {"kind": "SOAP", "skipped_steps": 0, "basis_failures": 0}
     assert loaded["param_groups"] == state_dict["param_groups"]
     assert loaded["state"].keys() == state_dict["state"].keys() == set(range(len(list(net.parameters()))))
     for pid, entry in state_dict["state"].items():
@@ -513,7 +513,7 @@ def test_counters_are_saved_and_restored():
         opt.step()
     opt.basis_failures = 3  # as if three refreshes had failed
     saved = _saved_and_loaded(opt.state_dict())
-    assert _global(saved) == {"skipped_steps": 1, "basis_failures": 3}
+    assert _global(saved) == {"kind": "SOAP", "skipped_steps": 1, "basis_failures": 3}
     fresh = SOAP(_raw_params(), max_precond_dim=12)
     fresh.load_state_dict(saved)
     assert (fresh.skipped_steps, fresh.basis_failures) == (1, 3)
@@ -865,7 +865,7 @@ def test_qr_float32_failure_uses_float64(monkeypatch, mode):
     for (n, dim), old_basis in old.items():
         state = opt.state[params[n]]
         factor, basis = state[f"factor_{dim}"], state[f"basis_{dim}"]
-        product = factor @ old_basis
+        product = (factor[None] @ old_basis[None])[0]  # the batched product the step uses
         order = torch.argsort((old_basis * product).sum(dim=0), descending=True)
         expected = original(product.index_select(1, order).double()).Q.to(torch.float32)
         assert torch.equal(basis, expected), (n, dim)

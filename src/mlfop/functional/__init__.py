@@ -1,18 +1,28 @@
-"""Pure tensor math of mlfop's optimizers: no optimizer state, each function testable alone."""
+"""Pure tensor math of mlfop's optimizers: no optimizer state, each function testable alone.
+
+Every function takes a batch of same-shaped blocks (a leading batch axis) and reads nothing
+back to the host, except where a decomposition may fail (SOAP's refresh).
+"""
 
 from mlfop.functional.fop import (
+    Combination,
     FOPSystem,
+    SystemTotals,
     combination_coefficients,
     combine,
-    euclidean_gram,
+    combine_block,
+    conflicts,
     fop_system,
+    global_beta,
+    gram_step_scale,
     noise_shrinkage,
     solve_beta,
     step_scale,
-    stream_gram_matrices,
+    stream_grams,
     stream_noise,
+    symmetric_eigh,
 )
-from mlfop.functional.heads import check_head_layout, head_gram, split_heads
+from mlfop.functional.heads import check_head_layout, combine_heads, rotate_heads, split_heads
 from mlfop.functional.rotation import block_layout, kronecker_statistics, merge_small_dims, rotate, unrotate
 from mlfop.functional.soap import (
     adam_moments_,
@@ -21,37 +31,71 @@ from mlfop.functional.soap import (
     ema_factors_,
     first_eigenbasis,
     power_iteration_basis,
-    preconditioned_direction,
     refresh_bases_,
-    soap_block_update_,
+    soap_denominator,
+    soap_update_,
+)
+from mlfop.functional.streams import (
+    natural_shares,
+    ordered_sum,
+    reach_weight,
+    rescale_factor,
+    rescale_mismatch,
+    stream_factor_statistics,
+    stream_order,
+    stream_second_moment,
+    stream_weights,
+    update_norm_ema,
 )
 
 __all__ = [
+    # the Fisher-orthogonal combination
+    "Combination",
     "FOPSystem",
-    "check_head_layout",
+    "SystemTotals",
     "combination_coefficients",
     "combine",
-    "euclidean_gram",
+    "combine_block",
+    "conflicts",
     "fop_system",
-    "head_gram",
+    "global_beta",
+    "gram_step_scale",
     "noise_shrinkage",
     "solve_beta",
-    "split_heads",
     "step_scale",
-    "stream_gram_matrices",
+    "stream_grams",
     "stream_noise",
+    "symmetric_eigh",
+    # attention heads
+    "check_head_layout",
+    "combine_heads",
+    "rotate_heads",
+    "split_heads",
+    # rotations
+    "block_layout",
+    "kronecker_statistics",
+    "merge_small_dims",
+    "rotate",
+    "unrotate",
+    # SOAP
     "adam_moments_",
     "apply_update_",
     "bias_corrected_step_size",
-    "block_layout",
     "ema_factors_",
     "first_eigenbasis",
-    "kronecker_statistics",
-    "merge_small_dims",
     "power_iteration_basis",
-    "preconditioned_direction",
     "refresh_bases_",
-    "rotate",
-    "soap_block_update_",
-    "unrotate",
+    "soap_denominator",
+    "soap_update_",
+    # the streams
+    "natural_shares",
+    "ordered_sum",
+    "reach_weight",
+    "rescale_factor",
+    "rescale_mismatch",
+    "stream_factor_statistics",
+    "stream_order",
+    "stream_second_moment",
+    "stream_weights",
+    "update_norm_ema",
 ]

@@ -12,30 +12,37 @@ output rows (:math:`a = 0`; k/v into the key-value heads under grouped-query att
 output projection by input columns (:math:`a = 1`), and a fused qkv weight by rows into one
 chunk of ``head_dim`` rows per query, key and value head.
 
-For two stacked tensors :math:`A = [a_1; \dots; a_K]` and :math:`B = [b_1; \dots; b_K]` of shape
-:math:`(K, n_0, \dots, n_{N-1})`, the per-head Gram matrices are
-
-.. math::
-    G_h[i, j] = \sum_{x \in \text{head } h} a_i[x]\, b_j[x], \qquad h = 0, \dots, H - 1,
-
-so that :math:`\sum_h G_h = A_{flat} B_{flat}^\top` (the whole-block Gram matrix) and a layout
-with :math:`H = 1` gives exactly the whole-block matrix. These are the inner products the head
-level of ML-FOP-SOAP needs (design doc section 4.1): with :math:`B = P(A)` they are the
-:math:`H^{-1}`-metric products restricted to each head, a block-diagonal approximation across
-heads.
+For the head level of ML-FOP-SOAP (design doc section 4.1), FOP runs on each head's subspace:
+the K streams masked to the head's slice (zero elsewhere) and rotated, so that the metric's
+inner products restricted to the head are exact; the coupling between heads is dropped (a
+block-diagonal approximation). One head is exactly the layer level. Since rotations are linear,
+:math:`g_{comb} = \sum_h \sum_k c_{hk} \operatorname{rot}(M_h g_k) =
+\operatorname{rot}(\sum_k C_k \odot g_k)` with :math:`C_k` the coefficients broadcast over each
+head's slice: the combination costs one rotation, not H.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from mlfop.functional.fop import (
+    Combination,
+    FOPSystem,
+    combination_coefficients,
+    combine,
+    fop_system,
+    noise_shrinkage,
+    solve_beta,
+    step_scale,
+    stream_grams,
+)
 from mlfop.functional.rotation import rotate
+from mlfop.functional.streams import ordered_sum
 
-__all__ = ["check_head_layout", "split_heads", "head_gram", "rotate_heads"]
+__all__ = ["check_head_layout", "split_heads", "rotate_heads", "combine_heads"]
 
 
 def check_head_layout(shape: Sequence[int], num_heads: int, axis: int) -> tuple[int, int]:
@@ -93,54 +100,94 @@ def split_heads(x: Tensor, num_heads: int, axis: int, leading: int = 0) -> Tenso
     return x.unflatten(dim, (num_heads, size // num_heads)).movedim(dim, leading)
 
 
-def head_gram(a: Tensor, b: Tensor, num_heads: int, axis: int) -> Tensor:
-    r"""Per-head Gram matrices of two stacked tensors: shape ``(num_heads, K, K)``, float64, CPU.
-
-    ``a`` and ``b`` have the same shape ``(K, *shape)``; ``axis`` indexes ``shape``. Entry
-    ``[h, i, j]`` is :math:`\sum_{x \in \text{head } h} a_i[x]\, b_j[x]`. Computed with one batched
-    contraction in the inputs' dtype on their device, then cast to float64 and moved to the CPU
-    (like :func:`mlfop.functional.fop.stream_gram_matrices`, whose K x K algebra runs there).
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"head_gram: a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dim() < 2:
-        raise ValueError(f"head_gram: expected stacked tensors of shape (K, *shape), got {tuple(a.shape)}")
-    shape = tuple(a.shape[1:])
-    num_heads, axis = check_head_layout(shape, num_heads, axis)
-    k = a.shape[0]
-    before = math.prod(shape[:axis])
-    after = math.prod(shape[axis + 1 :])
-    five_d = (k, before, num_heads, shape[axis] // num_heads, after)
-    gram = torch.einsum("iphdq,jphdq->hij", a.reshape(five_d), b.reshape(five_d))
-    return gram.to(dtype=torch.float64, device="cpu")
-
-
 def rotate_heads(
     streams: Tensor, bases: Sequence[Tensor | None], shape: Sequence[int], num_heads: int, axis: int
 ) -> Iterator[Tensor]:
-    r"""For each head :math:`h`, :math:`\operatorname{rot}(M_h)`: the rotation of the K streams
+    r"""For each head :math:`h`, :math:`\operatorname{rot}(M_h)`: the rotation of the streams
     masked to head :math:`h`'s slice (zero elsewhere).
 
-    ``streams`` has shape ``(K, *block_shape)`` and ``shape`` is the parameter's shape (the
-    head layout's). When the block has the parameter's shape, only rows ``h d : (h + 1) d`` of
-    the head axis' basis meet the slice, so each head contracts the slice with those rows (the
-    identity's rows where the axis is not rotated) and the H heads together cost about one
-    rotation of the block instead of H. When ``merge_dims`` merged the parameter's dimensions,
-    each masked tensor is rotated whole.
+    ``streams`` is ``(..., *block_shape)`` (leading stream and batch axes; batched bases
+    ``(B, d, d)`` go with a leading batch axis of ``B``) and ``shape`` the parameter's shape
+    (the head layout's). When the block has the parameter's shape, the dimensions other than
+    the head axis are rotated once for all heads, and each head contracts its slice with its
+    rows :math:`h d : (h + 1) d` of the head axis' basis (the identity's rows where the axis is
+    not rotated): the H heads together cost about one rotation. When ``merge_dims`` merged the
+    parameter's dimensions, each masked tensor is rotated whole.
     """
-    k, shape = streams.shape[0], tuple(shape)
-    heads = split_heads(streams.reshape(k, *shape), num_heads, axis, leading=1)
-    aligned = tuple(streams.shape[1:]) == shape
+    shape = tuple(shape)
+    block = tuple(streams.shape[streams.dim() - len(bases):])
+    leading = streams.dim() - len(block)
     d = shape[axis] // num_heads
-    basis = None
-    if aligned:
-        basis = bases[axis] if bases[axis] is not None else torch.eye(shape[axis], dtype=streams.dtype,
-                                                                      device=streams.device)
-    for h in range(num_heads):
-        if aligned:
-            cut = basis[h * d : (h + 1) * d]
-            yield rotate(heads[:, h], [cut if i == axis else b for i, b in enumerate(bases)])
-        else:
-            masked = torch.zeros_like(streams).reshape(k, *shape)
-            split_heads(masked, num_heads, axis, leading=1)[:, h] = heads[:, h]
+    if block != shape:
+        for h in range(num_heads):
+            masked = torch.zeros_like(streams).reshape(*streams.shape[:leading], *shape)
+            source = streams.reshape(masked.shape)
+            split_heads(masked, num_heads, axis, leading=leading).select(leading, h).copy_(
+                split_heads(source, num_heads, axis, leading=leading).select(leading, h)
+            )
             yield rotate(masked.reshape(streams.shape), bases)
+        return
+    others = rotate(streams, [None if i == axis else basis for i, basis in enumerate(bases)])
+    heads = split_heads(others, num_heads, axis, leading=leading)
+    basis = bases[axis]
+    if basis is None:
+        basis = torch.eye(shape[axis], dtype=streams.dtype, device=streams.device)
+    for h in range(num_heads):
+        cut = basis[..., h * d : (h + 1) * d, :]
+        yield rotate(heads.select(leading, h), [cut if i == axis else None for i in range(len(bases))])
+
+
+def combine_heads(
+    streams: Tensor,
+    rotated: Tensor,
+    second_moment: Tensor,
+    h: Tensor,
+    bases: Sequence[Tensor | None],
+    shape: Sequence[int],
+    layout: tuple[int, int],
+    weights: Tensor,
+    order: Tensor | None,
+    *,
+    eps_fop: float,
+    beta_max: float,
+    eta_range: tuple[float, float],
+    sigma_sq: Tensor | None = None,
+) -> Combination:
+    r"""The head level's combination of a batch of blocks: FOP on each head's subspace, summed.
+
+    ``streams`` ``(B, K, *block)`` in the original basis and ``rotated`` (their rotation),
+    ``second_moment`` :math:`W \sum_k w_k r_k^2` and the metric ``h``, all of the block's shape;
+    ``layout`` ``(H, axis)``; ``sigma_sq`` ``(B, K, H)`` the per-head noise estimate. Returns a
+    :class:`~mlfop.functional.fop.Combination` whose ``beta``/``coefficients``/``system`` are per
+    head ``(B, H, ...)``; its step scale is :func:`~mlfop.functional.fop.step_scale` of the
+    summed direction against the shared component (1 where no head is corrected).
+    """
+    num_heads, axis = layout
+    batch, k = streams.shape[:2]
+    flat_h = h.flatten(1)
+    grams = [stream_grams(head.flatten(2), flat_h) for head in rotate_heads(streams, bases, shape, num_heads, axis)]
+    system = fop_system(*(torch.stack(parts, dim=1) for parts in zip(*grams)), weights, eps_fop)
+    beta_raw = beta = solve_beta(system.d, system.e, system.spread, system.spread_reference, beta_max)
+    noise_fraction = None
+    if sigma_sq is not None:
+        rho, noise_fraction = noise_shrinkage(sigma_sq.transpose(1, 2), system.gram_e, system.weights)
+        beta = beta_raw * rho[..., None]
+    coefficients = combination_coefficients(system, beta)  # (B, H, K)
+    per_head = coefficients.transpose(1, 2).to(streams.dtype)  # (B, K, H)
+    sliced = split_heads(streams.reshape(batch, k, *shape), num_heads, axis, leading=2)
+    weighted = sliced * per_head.view(batch, k, num_heads, *[1] * (sliced.dim() - 3))
+    combined = ordered_sum(weighted, order).movedim(1, 1 + axis).reshape(batch, *streams.shape[2:])
+    momentum = rotate(combined, bases).flatten(1)
+    shared = combine(rotated.flatten(2), weights)
+    eta = step_scale((shared * momentum / flat_h).sum(-1).double(), (momentum.square() / flat_h).sum(-1).double(), eta_range)
+    corrected = (coefficients != system.weights).any(-1).any(-1)
+    return Combination(
+        momentum=momentum,
+        second_moment=torch.maximum(second_moment.flatten(1), momentum.square()),
+        eta=torch.where(corrected, eta, 1.0),
+        beta_raw=beta_raw,
+        beta=beta,
+        noise_fraction=noise_fraction,
+        system=system,
+        coefficients=coefficients,
+    )

@@ -75,55 +75,70 @@ def block_layout(
     return shape, tuple(size <= max_precond_dim for size in shape)
 
 
-def _contract(x: Tensor, bases: Sequence[Tensor | None], basis_dim: int) -> Tensor:
-    """Contract block dimension ``i`` of ``x`` with ``bases[i]`` (along the basis' ``basis_dim``).
+def _matching(basis: Tensor, x: Tensor) -> Tensor:
+    """``basis`` shaped to multiply ``x``'s last two dimensions: a batched basis ``(B, a, b)``
+    gets singleton dimensions for ``x``'s dimensions between its batch axis and the last two."""
+    if basis.dim() == 2:
+        return basis
+    return basis.view(basis.shape[0], *[1] * (x.dim() - 3), *basis.shape[1:])
 
-    ``x`` may carry leading dimensions before the block's (e.g. one per gradient stream); they
-    are left alone.
+
+def _contract(x: Tensor, bases: Sequence[Tensor | None], transpose: bool) -> Tensor:
+    r"""Contract the last ``len(bases)`` dimensions of ``x``, each with its basis:
+    :math:`y_{\dots b \dots} = \sum_a x_{\dots a \dots} Q_{ab}` (``Q`` transposed with ``transpose``).
+
+    A basis is ``(a, b)``, or ``(B, a, b)`` for a batch of blocks stacked along ``x``'s first
+    dimension. Dimensions of ``x`` before the block's (a batch axis, one per gradient stream)
+    are left alone. ``a != b`` is allowed (rows of a basis, for one attention head's slice).
     """
-    leading = x.dim() - len(bases)
-    if len(bases) == 2:
-        left, right = bases
-        if left is not None:
-            x = (left.T if basis_dim == 0 else left) @ x
-        if right is not None:
-            x = x @ (right if basis_dim == 0 else right.T)
-        return x
-    # Each contraction consumes the first block dimension and appends the result last, so
-    # after a full cycle the block dimensions are back in their original order.
-    for basis in bases:
+    n = len(bases)
+    vector = x.dim() == 2 and any(basis is not None and basis.dim() == 3 for basis in bases)
+    if vector:  # a batch of 1-D blocks: a row per block for the batched product
+        x = x.unsqueeze(1)
+    for i, basis in enumerate(bases):
         if basis is None:
-            x = x.movedim(leading, -1)
+            continue
+        q = basis.mT if transpose else basis
+        dim = x.dim() - n + i
+        if dim == x.dim() - 1:
+            x = x @ _matching(q, x)
+        elif dim == x.dim() - 2:
+            x = _matching(q, x).mT @ x
         else:
-            x = torch.tensordot(x, basis, dims=([leading], [basis_dim]))
-    return x
+            moved = x.movedim(dim, -1)
+            x = (moved @ _matching(q, moved)).movedim(-1, dim)
+    return x.squeeze(1) if vector else x
 
 
 def rotate(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
     r""":math:`\operatorname{rot}(X)`: express ``x`` in the eigenbasis (``None`` = identity)."""
-    return _contract(x, bases, 0)
+    return _contract(x, bases, transpose=False)
 
 
 def unrotate(y: Tensor, bases: Sequence[Tensor | None]) -> Tensor:
     r""":math:`\operatorname{unrot}(Y)`: bring ``y`` back from the eigenbasis."""
-    return _contract(y, bases, 1)
+    return _contract(y, bases, transpose=True)
 
 
-def kronecker_statistics(x: Tensor, preconditioned: Sequence[bool]) -> list[Tensor | None]:
+def kronecker_statistics(x: Tensor, preconditioned: Sequence[bool], batch_dims: int = 0) -> list[Tensor | None]:
     r"""Per-dimension Gram matrices :math:`X_{(i)} X_{(i)}^\top` (``None`` where not rotated).
 
-    Leading dimensions of ``x`` before the block's are summed over: for streams stacked as
-    :math:`[\sqrt{w_k} X_k]_k` this gives :math:`\sum_k w_k X_{k(i)} X_{k(i)}^\top`.
+    The block is ``x``'s last ``len(preconditioned)`` dimensions. The first ``batch_dims``
+    dimensions are kept (a batch of blocks gives ``(B, d_i, d_i)``); the dimensions between
+    them and the block's are summed over: for streams stacked as :math:`[\sqrt{w_k} X_k]_k` this
+    gives :math:`\sum_k w_k X_{k(i)} X_{k(i)}^\top`, one matrix product per dimension.
     """
-    leading = x.dim() - len(preconditioned)
-    if leading == 0 and x.dim() == 2:
-        left, right = preconditioned
-        return [x @ x.T if left else None, x.T @ x if right else None]
+    n = len(preconditioned)
+    kept = x.shape[:batch_dims]
+    plain_matrix = x.dim() - batch_dims == 2
     stats: list[Tensor | None] = []
     for i, rotated in enumerate(preconditioned):
         if not rotated:
             stats.append(None)
-            continue
-        others = [j for j in range(x.dim()) if j != leading + i]
-        stats.append(torch.tensordot(x, x, dims=(others, others)))
+        elif plain_matrix:
+            stats.append(x @ x.mT if i == 0 else x.mT @ x)
+        else:
+            dim = x.dim() - n + i
+            unfolded = x.movedim(dim, batch_dims).reshape(*kept, x.shape[dim], -1)
+            stats.append(unfolded @ unfolded.mT)
     return stats

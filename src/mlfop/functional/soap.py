@@ -1,4 +1,4 @@
-r"""SOAP's math on one block, as plain functions over tensors.
+r"""SOAP's math on a batch of same-shaped blocks, as plain functions over tensors.
 
 SOAP (Vyas et al., 2024, arXiv:2409.11321) runs Adam in the eigenbasis of Shampoo's
 Kronecker factors. For one block with gradient :math:`G` and bases :math:`Q_i`:
@@ -23,8 +23,14 @@ approximation) and :math:`M` is carried exactly into the new basis,
 :math:`M \leftarrow \operatorname{rot}_{new}(\operatorname{unrot}_{old}(M))`.
 
 The first basis is the eigenvector matrix of the first statistics (``eigh``), columns in
-descending eigenvalue order. ML-FOP-SOAP calls the same functions with the statistics taken
-from several gradient streams and a combined gradient in place of :math:`g'`.
+descending eigenvalue order.
+
+Every tensor carries a leading batch axis of ``B`` blocks of one shape (``B = 1`` for a single
+block): moments ``(B, *block)``, factors and bases ``(B, d_i, d_i)``. The only data-dependent
+decision, whether a decomposition failed, is one host read per batch on refresh steps (and
+first calls); only the failing blocks are then recomputed in float64. ML-FOP-SOAP calls
+the same functions with the statistics taken from several gradient streams and a combined
+gradient in place of :math:`g'`.
 """
 
 from __future__ import annotations
@@ -42,56 +48,85 @@ __all__ = [
     "power_iteration_basis",
     "ema_factors_",
     "adam_moments_",
-    "preconditioned_direction",
+    "soap_denominator",
     "bias_corrected_step_size",
     "apply_update_",
     "refresh_bases_",
-    "soap_block_update_",
+    "soap_update_",
 ]
 
 
-def _with_float64_retry(decompose: Callable[[Tensor], Tensor], matrix: Tensor) -> Tensor | None:
-    """Run ``decompose`` in the matrix' dtype, retry in float64; ``None`` if both fail.
+def _decompose_with_retry(decompose: Callable[[Tensor], Tensor], matrices: Tensor) -> tuple[Tensor, Tensor | None, int]:
+    """``decompose`` each matrix of the stack ``(..., d, d)``; failures are retried in float64.
 
-    A decomposition fails when it raises or returns non-finite values.
+    Returns ``(result, ok, failures)``. A decomposition fails when it raises or returns
+    non-finite values; one that raises for the stack is retried matrix by matrix. ``ok`` is
+    ``None`` when every matrix succeeded (the common case, known after one host read), else
+    the mask of those that succeeded in their dtype or in float64; ``failures`` counts the
+    others, whose ``result`` is unspecified.
     """
-    dtypes = [matrix.dtype] if matrix.dtype == torch.float64 else [matrix.dtype, torch.float64]
-    for dtype in dtypes:
-        try:
-            result = decompose(matrix.to(dtype))
-        except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
-            continue
-        if bool(torch.isfinite(result).all()):
-            return result.to(matrix.dtype)
-    return None
+    raised = False
+    try:
+        result = decompose(matrices)
+        ok = torch.isfinite(result).flatten(-2).all(-1)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
+        raised = True
+        result = torch.zeros_like(matrices)
+        ok = torch.zeros(matrices.shape[:-2], dtype=torch.bool, device=matrices.device)
+    if bool(ok.all()):
+        return result, None, 0
+    flat_result, flat_ok = result.reshape(-1, *result.shape[-2:]), ok.reshape(-1).clone()
+    flat_matrices = matrices.reshape(-1, *matrices.shape[-2:])
+    # One failing matrix makes the whole stack raise: then the others get a chance alone first.
+    dtypes = [matrices.dtype, torch.float64] if raised and len(flat_matrices) > 1 else [torch.float64]
+    dtypes = list(dict.fromkeys(dtypes))
+    for index in (~flat_ok).nonzero().flatten().tolist():
+        for dtype in dtypes:
+            try:
+                retried = decompose(flat_matrices[index].to(dtype))
+            except RuntimeError:
+                continue
+            if bool(torch.isfinite(retried).all()):
+                flat_result[index] = retried.to(matrices.dtype)
+                flat_ok[index] = True
+                break
+    failures = int((~flat_ok).sum())
+    return flat_result.view(result.shape), flat_ok.view(ok.shape), failures
 
 
-def first_eigenbasis(factor: Tensor) -> Tensor | None:
-    """Eigenvectors of the symmetric ``factor``, columns by descending eigenvalue.
+def first_eigenbasis(factors: Tensor) -> tuple[Tensor, int]:
+    """Eigenvectors of each symmetric factor ``(..., d, d)``, columns by descending eigenvalue.
 
-    ``None`` when ``eigh`` fails in the factor's dtype and in float64.
+    Returns ``(bases, failures)``: where ``eigh`` failed in the factor's dtype and in float64
+    the basis is the identity.
     """
-    return _with_float64_retry(lambda m: torch.linalg.eigh(m).eigenvectors.flip(-1), factor)
+    bases, ok, failures = _decompose_with_retry(lambda m: torch.linalg.eigh(m).eigenvectors.flip(-1), factors)
+    if ok is not None:
+        identity = torch.eye(factors.shape[-1], dtype=factors.dtype, device=factors.device)
+        bases = torch.where(ok[..., None, None], bases, identity)
+    return bases, failures
 
 
-def power_iteration_basis(factor: Tensor, basis: Tensor) -> tuple[Tensor | None, Tensor]:
-    r"""One power-iteration step from ``basis``: returns ``(new_basis, order)``.
+def power_iteration_basis(factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, int]:
+    r"""One power-iteration step from ``bases``: returns ``(new_bases, order, failures)``.
 
-    ``order`` sorts the columns by the estimated eigenvalues
-    :math:`\operatorname{diag}(Q^\top F Q)`, descending; ``new_basis`` is
-    :math:`\operatorname{qr}(F Q[:, \text{order}])`, or ``None`` if QR fails in the factor's
-    dtype and in float64.
+    ``order`` ``(..., d)`` sorts each basis' columns by the estimated eigenvalues
+    :math:`\operatorname{diag}(Q^\top F Q)`, descending; ``new_bases`` is
+    :math:`\operatorname{qr}(F Q[:, \text{order}])`. Where QR fails in the factor's dtype and
+    in float64, the basis stays as it was and ``order`` is the identity permutation.
     """
-    product = factor @ basis
-    estimated_eigenvalues = (basis * product).sum(dim=0)
-    order = torch.argsort(estimated_eigenvalues, descending=True)
-    ordered = product.index_select(1, order)
-    return _with_float64_retry(lambda m: torch.linalg.qr(m).Q, ordered), order
+    product = factors @ bases
+    estimated_eigenvalues = (bases * product).sum(dim=-2)
+    order = torch.argsort(estimated_eigenvalues, dim=-1, descending=True)
+    ordered = torch.take_along_dim(product, order.unsqueeze(-2), dim=-1)
+    new_bases, ok, failures = _decompose_with_retry(lambda m: torch.linalg.qr(m).Q, ordered)
+    if ok is not None:
+        new_bases = torch.where(ok[..., None, None], new_bases, bases)
+        order = torch.where(ok[..., None], order, torch.arange(order.shape[-1], device=order.device))
+    return new_bases, order, failures
 
 
-def ema_factors_(
-    factors: Sequence[Tensor | None], statistics: Sequence[Tensor | None], beta: float
-) -> None:
+def ema_factors_(factors: Sequence[Tensor | None], statistics: Sequence[Tensor | None], beta: float) -> None:
     r""":math:`F_i \leftarrow \beta F_i + (1-\beta) S_i` in place, for every rotated dimension."""
     for factor, stat in zip(factors, statistics):
         if factor is not None:
@@ -99,90 +134,96 @@ def ema_factors_(
 
 
 def adam_moments_(
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    momentum_input: Tensor,
-    second_moment_input: Tensor,
-    beta1: float,
-    beta2: float,
+    exp_avg: Tensor, exp_avg_sq: Tensor, momentum_input: Tensor, second_moment_input: Tensor, beta1: float, beta2: float
 ) -> None:
     r""":math:`M \leftarrow \beta_1 M + (1-\beta_1) g`, :math:`V \leftarrow \beta_2 V + (1-\beta_2) s`.
 
     For SOAP :math:`g = \operatorname{rot}(G)` and :math:`s = g^2`; ML-FOP-SOAP passes the
-    combined stream gradient and the stream-weighted squares.
+    combined stream gradient and the streams' squares.
     """
     exp_avg.lerp_(momentum_input, 1.0 - beta1)
     exp_avg_sq.lerp_(second_moment_input, 1.0 - beta2)
 
 
-def preconditioned_direction(exp_avg: Tensor, exp_avg_sq: Tensor, eps: float) -> Tensor:
-    r""":math:`M / (\sqrt{V} + \epsilon)`, in the eigenbasis."""
-    return exp_avg / exp_avg_sq.sqrt().add_(eps)
+def soap_denominator(exp_avg_sq: Tensor, second_moment_input: Tensor | None, beta2: float, eps: float) -> Tensor:
+    r""":math:`\sqrt{\beta_2 V + (1-\beta_2) s} + \epsilon`: SOAP's denominator after this step's
+    second moment :math:`s` (``None``: :math:`\sqrt{V} + \epsilon`, ``V`` already updated).
+
+    The same formula gives ML-FOP-SOAP's diagonal metric :math:`h` before the moments move.
+    """
+    updated = exp_avg_sq if second_moment_input is None else exp_avg_sq.lerp(second_moment_input, 1.0 - beta2)
+    return updated.sqrt().add_(eps)
 
 
-def bias_corrected_step_size(
-    lr: float, beta1: float, beta2: float, step: int, correct_bias: bool
-) -> float:
+def bias_corrected_step_size(lr: float | Tensor, beta1: float, beta2: float, step: int, correct_bias: bool) -> float | Tensor:
     r""":math:`\gamma\sqrt{1-\beta_2^t}/(1-\beta_1^t)` with ``correct_bias``, else :math:`\gamma`."""
     if not correct_bias:
         return lr
-    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    # One multiplication of lr: a tensor lr then rounds as a Python float does.
+    return lr * (math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step))
+
+
+def _per_block(values: Tensor, like: Tensor) -> Tensor:
+    """``(B,)`` values shaped to broadcast over a ``(B, *block)`` tensor."""
+    return values.view(-1, *[1] * (like.dim() - 1))
 
 
 def apply_update_(
-    param: Tensor,
+    params: Sequence[Tensor],
     update: Tensor,
     *,
-    step_size: float,
-    lr: float,
+    step_size: float | Tensor,
+    lr: float | Tensor,
     weight_decay: float,
     normalize: bool,
-    scale: float | Tensor = 1.0,
+    scale: Tensor | None = None,
 ) -> None:
-    r""":math:`\theta \leftarrow (\theta - \alpha_t\, c\, u)(1 - \gamma\lambda)`.
+    r""":math:`\theta_b \leftarrow (\theta_b - \alpha_t\, c_b\, u_b)(1 - \gamma\lambda)` for each block.
 
-    With ``normalize`` the update is first divided by its RMS; ``c = scale`` then multiplies
-    it (a Python number or a 0-d tensor). ``update`` may be of a wider dtype than ``param``
-    (fp32 statistics for a bf16 parameter).
+    ``update`` is ``(B, *block)`` and ``params`` its ``B`` parameters (any shape of the block's
+    size, one floating dtype: a bf16 parameter takes an fp32 update). With ``normalize`` each
+    block's update is first divided by its RMS; ``scale`` ``(B,)`` multiplies it. The factors
+    are applied before the addition (no ``alpha=``, which inductor mis-compiles).
     """
     if normalize:
-        update = update / update.square().mean().sqrt().add_(1e-30)
-    if isinstance(scale, Tensor) or scale != 1.0:
-        update = update * scale
-    param.add_(update.reshape(param.shape), alpha=-step_size)
+        update = update / _per_block(update.square().reshape(len(update), -1).mean(1).sqrt().add_(1e-30), update)
+    factor = -step_size if scale is None else _per_block(scale * -step_size, update)
+    update = update * factor
+    torch._foreach_add_(list(params), [u.view(p.shape) for u, p in zip(update.unbind(0), params)])
     if weight_decay != 0.0:
-        param.mul_(1.0 - lr * weight_decay)
+        decay = 1.0 - lr * weight_decay
+        if isinstance(decay, Tensor):  # in the parameters' dtype, as a Python number would be
+            decay = decay.to(params[0].dtype)
+        torch._foreach_mul_(list(params), decay)
 
 
 def refresh_bases_(
-    factors: Sequence[Tensor | None],
-    bases: Sequence[Tensor | None],
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    factors: Sequence[Tensor | None], bases: Sequence[Tensor | None], exp_avg: Tensor, exp_avg_sq: Tensor
 ) -> int:
     """Refresh every basis in place by one power-iteration step; return how many failed.
 
     ``exp_avg_sq`` is re-indexed along each refreshed dimension so that every entry stays with
-    its direction; ``exp_avg`` is carried exactly into the new bases. A dimension whose QR
-    fails (also in float64) keeps its previous basis and order.
+    its direction; ``exp_avg`` is carried exactly into the new bases. A block whose QR fails
+    (also in float64) keeps its previous basis and order along that dimension.
     """
     momentum = unrotate(exp_avg, bases)
     failures = 0
     for dim, (factor, basis) in enumerate(zip(factors, bases)):
         if basis is None:
             continue
-        new_basis, order = power_iteration_basis(factor, basis)
-        if new_basis is None:
-            failures += 1
-            continue
-        exp_avg_sq.copy_(exp_avg_sq.index_select(dim, order))
+        new_basis, order, failed = power_iteration_basis(factor, basis)
+        axis = exp_avg_sq.dim() - len(bases) + dim
+        index_shape = [1] * exp_avg_sq.dim()
+        index_shape[0], index_shape[axis] = order.shape
+        exp_avg_sq.copy_(torch.take_along_dim(exp_avg_sq, order.view(index_shape), dim=axis))
         basis.copy_(new_basis)
+        failures += failed
     exp_avg.copy_(rotate(momentum, bases))
     return failures
 
 
-def soap_block_update_(
-    param: Tensor,
+def soap_update_(
+    params: Sequence[Tensor],
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
     factors: Sequence[Tensor | None],
@@ -192,7 +233,7 @@ def soap_block_update_(
     second_moment_input: Tensor,
     factor_statistics: Sequence[Tensor | None],
     step: int,
-    lr: float,
+    lr: float | Tensor,
     beta1: float,
     beta2: float,
     factor_beta: float,
@@ -201,19 +242,20 @@ def soap_block_update_(
     precondition_frequency: int,
     correct_bias: bool,
     normalize_grads: bool,
-    update_scale: float | Tensor = 1.0,
+    update_scale: Tensor | None = None,
 ) -> int:
-    """One real SOAP step of a block (``step`` = t >= 1); returns the number of failed refreshes.
+    """One real SOAP step of a batch of blocks (all at step ``t = step >= 1``).
 
-    The moments, factors and bases are block-shaped and updated in place; the basis refreshed
-    at ``t % precondition_frequency == 0`` is first used at the next step, so a gradient never
-    shapes its own projection. ``update_scale`` multiplies the update (ML-FOP-SOAP's step
-    scale; 1 for SOAP).
+    The moments, factors and bases are stacked ``(B, ...)`` and updated in place; the bases
+    refreshed at ``t % precondition_frequency == 0`` are first used at the next step, so a
+    gradient never shapes its own projection. ``update_scale`` ``(B,)`` multiplies each block's
+    update (ML-FOP-SOAP's step scale; ``None`` for SOAP). Returns how many
+    basis refreshes failed (0 on steps without a refresh).
     """
     adam_moments_(exp_avg, exp_avg_sq, momentum_input, second_moment_input, beta1, beta2)
-    update = unrotate(preconditioned_direction(exp_avg, exp_avg_sq, eps), bases)
+    update = unrotate(exp_avg / soap_denominator(exp_avg_sq, None, beta2, eps), bases)
     apply_update_(
-        param,
+        params,
         update,
         step_size=bias_corrected_step_size(lr, beta1, beta2, step, correct_bias),
         lr=lr,

@@ -2,63 +2,57 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from mlfop.diagnostics import DETAIL_LEVELS, conflicts, stream_record
-from mlfop.distributed import all_reduce_folds, default_process_group
-from mlfop.folding import UNTAGGED_STREAMS, StreamFolds
-from mlfop.functional.fop import (
-    FOPSystem,
-    combination_coefficients,
-    combine,
-    euclidean_gram,
-    fop_system,
-    noise_shrinkage,
-    solve_beta,
-    step_scale,
-    stream_gram_matrices,
-    stream_noise,
+from mlfop.diagnostics import StepRecord
+from mlfop.distributed import DDPFoldReducer, default_process_group
+from mlfop.folding import UNTAGGED_STREAMS, FinishedFolds, FoldReducer, StreamFolds
+from mlfop.functional.fop import FOPSystem, SystemTotals, combine_block, fop_system, global_beta, stream_grams, stream_noise
+from mlfop.functional.heads import combine_heads, split_heads
+from mlfop.functional.rotation import rotate
+from mlfop.functional.soap import soap_denominator
+from mlfop.functional.streams import (
+    reach_weight,
+    stream_factor_statistics,
+    stream_order,
+    stream_second_moment,
+    stream_weights,
+    update_norm_ema,
 )
-from mlfop.functional.heads import head_gram, rotate_heads, split_heads
-from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.head_layouts import resolve_head_layouts
-from mlfop.optim.config import FOPConfig
-from mlfop.optim.soap import _SOAP_ARGS_DOC, SOAP, _awaits_first_call, _block_tensors, _materialize_params
+from mlfop.optim.block_state import BlockBatch, BlockTensors, layout_of, materialize_params, plan_batches, state_dtype
+from mlfop.optim.config import LEVELS, FOPConfig, FOPOptions, check_streams
+from mlfop.optim.soap import SOAP, SOAP_ARGS_DOC
 
-__all__ = ["MLFOPSOAP", "LEVELS", "WEIGHT_MODES"]
-
-LEVELS = ("global", "layer", "head")
-WEIGHT_MODES = ("tokens", "fixed", "balanced")
-
-# A rescale of p.grad after the last fold (clipping, unscaling) must be one global scalar: the
-# residual p.grad - c * sum_k S_k may only be rounding, relative to the streams' size.
-_RESCALE_RTOL = 1e-5
+__all__ = ["MLFOPSOAP"]
 
 
 @dataclass
-class _Block:
-    """One parameter's work between the two passes of a step (a block awaiting its beta)."""
+class _Streams:
+    """A batch of blocks with its stream gradients, between the two passes of a step."""
 
-    name: str
-    config: FOPConfig
-    param: Tensor
-    streams: Tensor  # (K, *block_shape): g_k in the original basis
-    rotated: Tensor  # (K, *block_shape): rot(g_k)
-    h: Tensor  # sqrt(V_t) + eps
-    second_moment: Tensor
-    system: FOPSystem
-    gram_h: Tensor
-    gram_e: Tensor  # Euclidean Gram (negligibility of the perpendicular parts, shrinkage, diagnostics)
-    sigma_sq: Tensor | None  # (K, groups) sampling variances, groups = heads or 1
-    reached: int  # how many streams reach the parameter (a non-zero gradient on it)
-    reach: float  # W: their total weight, which scales the streams' statistics
+    batch: BlockBatch
+    streams: Tensor  # (B, K, *block): g_k in the original basis
+    reaching: tuple[bool, ...]  # which present streams reach these blocks
+    heads: tuple[int, int] | None  # the head layout, where the head level applies
+    noise: Tensor | None = None  # (B, K, groups) sampling variances
+    tensors: BlockTensors | None = None
+    rotated: Tensor | None = None
+    second_moment: Tensor | None = None
+    h: Tensor | None = None
+    system: FOPSystem | None = None
+    order: Tensor | None = None
+    reach: Tensor | None = None  # W
+
+
+def _flat(x: Tensor, kept: int) -> Tensor:
+    """``x`` with its dimensions after the first ``kept`` flattened into one (0-d blocks too)."""
+    return x.reshape(*x.shape[:kept], -1)
 
 
 class MLFOPSOAP(SOAP):
@@ -130,6 +124,14 @@ class MLFOPSOAP(SOAP):
     from the streams. A step with no fold, or with a single stream folded, is plain SOAP on
     ``p.grad``, bit for bit.
 
+    A step reads top to bottom: finish the folds (reduce across ranks, check the rescale), the
+    stream weights, per batch of same-shaped blocks the rotation, the metric and one
+    Fisher-orthogonal combination (:func:`~mlfop.functional.fop.combine_block` or
+    :func:`~mlfop.functional.heads.combine_heads`), the global :math:`\beta_G` for the blocks
+    that wait for it, and one SOAP update per batch. It reads two values back to the host
+    (whether the gradients are finite; the rescale flag with the reach of every block), whatever
+    the number of parameters; the diagnostics stay on the device until :meth:`diagnostics`.
+
     Stream weights (``stream_weights``): ``"tokens"`` (natural: each stream's share of loss
     tokens, or of micro-batches without token counts; then :math:`\bar g` is exactly the
     accumulated gradient), ``"fixed"`` (equal), a mapping ``{name: weight}``, or
@@ -138,7 +140,7 @@ class MLFOPSOAP(SOAP):
     previous steps; equal on the first).
     """
 
-    __doc__ = (__doc__ or "") + _SOAP_ARGS_DOC + r"""
+    __doc__ = (__doc__ or "") + SOAP_ARGS_DOC + r"""
         streams (Sequence[str] or None): names of the K >= 2 gradient streams, e.g.
             ``("image", "text")``; ``None`` folds untagged micro-batches alternately into two
             sub-batch streams (FOP's large-batch setting) (default: ("image", "text")).
@@ -170,19 +172,7 @@ class MLFOPSOAP(SOAP):
 
     config_class = FOPConfig
     _pickled_attributes = SOAP._pickled_attributes + (
-        "streams",
-        "stream_weights",
-        "levels",
-        "balance_alpha",
-        "balance_beta",
-        "process_group",
-        "stream_norm_ema",
-        "head_layouts",
-        "noise_shrinkage",
-        "stream_statistics",
-        "diagnostics_level",
-        "_last_diagnostics",
-        "_folds",
+        "options", "head_layouts", "process_group", "_norm_ema", "_norm_started", "_record", "_folds",
     )
 
     def __init__(
@@ -203,6 +193,7 @@ class MLFOPSOAP(SOAP):
         correct_bias: bool = True,
         maximize: bool = False,
         nonfinite: str = "skip",
+        batched: bool = True,
         stream_weights: str | Mapping[str, float] = "tokens",
         levels: Iterable[str] = LEVELS,
         beta_max: float = 1.0,
@@ -217,49 +208,49 @@ class MLFOPSOAP(SOAP):
         diagnostics: str = "global",
         process_group: Any = None,
     ) -> None:
-        params = _materialize_params(params, type(self).__name__)
-        self.streams = _check_streams(streams)
-        self.stream_weights = _check_weights(stream_weights, self.streams)
-        self.levels = _check_levels(levels)
-        for name, value, high in (("balance_alpha", balance_alpha, 1.0), ("balance_beta", balance_beta, 1.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= high:
-                raise ValueError(f"{name} must be a number in [0, {high:g}], got {value!r}")
-        if balance_beta == 1.0:
-            raise ValueError("balance_beta must be below 1 (an EMA factor of 1 never updates the norms)")
-        self.balance_alpha = float(balance_alpha)
-        self.balance_beta = float(balance_beta)
-        for flag, value in (("noise_shrinkage", noise_shrinkage), ("heads_strict", heads_strict),
-                            ("stream_statistics", stream_statistics)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be True or False, got {value!r}")
-        self.stream_statistics = stream_statistics
-        if diagnostics not in DETAIL_LEVELS:
-            raise ValueError(f"diagnostics must be one of {DETAIL_LEVELS}, got {diagnostics!r}")
-        self.noise_shrinkage = noise_shrinkage
-        self.diagnostics_level = diagnostics
+        params = materialize_params(params, type(self).__name__)
+        self.options = FOPOptions(
+            streams=check_streams(streams, UNTAGGED_STREAMS), stream_weights=stream_weights, levels=levels,
+            balance_alpha=balance_alpha, balance_beta=balance_beta, noise_shrinkage=noise_shrinkage,
+            stream_statistics=stream_statistics, diagnostics=diagnostics, heads_strict=heads_strict,
+        )
         self.head_layouts = resolve_head_layouts(heads, params, strict=heads_strict)
         self.process_group = process_group
-        self.stream_norm_ema: dict[str, float] = {}
-        self._last_diagnostics: dict[str, Any] = {}
-        active_heads = self.head_layouts if "head" in self.levels else {}
+        self._norm_ema: Tensor | None = None  # (K,) float64 EMA of each stream's norm, for "balanced"
+        self._norm_started = [False] * len(self.streams)
+        self._record: StepRecord | None = None
+        active_heads = self.head_layouts if "head" in self.options.levels else {}
         self._folds = StreamFolds(self.streams, track_norms=noise_shrinkage, head_layouts=active_heads)
-        config = FOPConfig.from_group(locals())  # the SOAP and FOP arguments, validated
-        self._init_from_config(params, config)
+        self._init_from_config(params, FOPConfig.from_group(locals()))  # the SOAP and FOP arguments, validated
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        """The stream names (``("even", "odd")`` for untagged folding)."""
+        return self.options.streams
 
     # ------------------------------------------------------------------------- folding
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def fold(self, stream: str | None = None, tokens: float | Tensor | None = None) -> None:
         """Record what this micro-batch's backward added to ``p.grad`` as stream ``stream``.
 
-        Call it after each micro-batch's ``backward()``; ``tokens`` is the micro-batch's number
-        of loss tokens (give it for every fold of a step or for none). ``p.grad`` is left as is.
+        Call it once after each micro-batch's ``backward()``; ``tokens`` is the micro-batch's
+        number of loss tokens (give it for every fold of a step or for none; a Python number
+        avoids reading a tensor back). ``p.grad`` is left as is, and nothing is read back to the
+        host.
         """
         if self._folds.reduced:
             raise RuntimeError(
                 "the last step() was refused after its folds were reduced across ranks; call "
                 "zero_grad() and redo the accumulation before folding again"
             )
-        params = [p for group in self.param_groups for p in group["params"]]
-        self._folds.fold(stream, params, tokens)
+        self._folds.fold(stream, self._params(), tokens)
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether folds are pending (after a fold, before ``step()`` or ``zero_grad()``)."""
+        return self._folds.active
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear gradients and this step's folds (a new accumulation starts)."""
@@ -272,30 +263,30 @@ class MLFOPSOAP(SOAP):
         In the loop's own loss normalisation, before any rescale of ``p.grad`` and before the
         cross-rank reduction; ``None`` for a parameter that got no gradient.
         """
-        present = self._folds.present()
-        shares = self._folds.shares(present) if present else []
-        params = [p for group in self.param_groups for p in group["params"]]
-        return {
-            self.streams[k]: [
-                self._folds.buffers[p][k] / share if p in self._folds.buffers else None for p in params
-            ]
-            for k, share in zip(present, shares)
-        }
+        return self._folds.stream_gradients(self._params())
 
     def current_stream_weights(self) -> dict[str, float]:
         """The weights ``w_k`` the next ``step()`` would give the streams folded so far."""
         present = self._folds.present()
         if not present:
             return {}
-        weights = self._stream_weights(present, self._folds.shares(present))
-        return {self.streams[k]: float(w) for k, w in zip(present, weights)}
+        weights = self._weights(present, self._folds.shares(present), torch.device("cpu"))
+        return {self.streams[k]: float(w) for k, w in zip(present, weights.tolist())}
+
+    @property
+    def stream_norm_ema(self) -> dict[str, float]:
+        """The EMA of each stream's norm under the inverse metric (``"balanced"`` weights)."""
+        if self._norm_ema is None:
+            return {}
+        values = self._norm_ema.tolist()
+        return {name: values[k] for k, name in enumerate(self.streams) if self._norm_started[k]}
 
     def diagnostics(self) -> dict[str, Any]:
         """Plain dict of the last step's heterogeneity statistics (see :mod:`mlfop.diagnostics`).
 
         Empty after a step without folds (plain SOAP) or with ``diagnostics="off"``.
         """
-        return self._last_diagnostics
+        return {} if self._record is None else self._record.as_dict()
 
     def fold_buffer_bytes(self) -> int:
         """Bytes currently held by the stream buffers (at most K gradient-sized per parameter)."""
@@ -303,11 +294,14 @@ class MLFOPSOAP(SOAP):
 
     # ---------------------------------------------------------------------- state dict
     def _global_state(self) -> dict[str, Any]:
-        return {**super()._global_state(), "stream_norm_ema": dict(self.stream_norm_ema)}
+        return {**super()._global_state(), "stream_norm_ema": self.stream_norm_ema}
 
     def _load_global_state(self, global_state: dict[str, Any]) -> None:
         super()._load_global_state(global_state)
-        self.stream_norm_ema = {str(k): float(v) for k, v in global_state.get("stream_norm_ema", {}).items()}
+        saved = {str(k): float(v) for k, v in global_state.get("stream_norm_ema", {}).items()}
+        self._norm_started = [name in saved for name in self.streams]
+        self._norm_ema = torch.tensor([saved.get(name, 0.0) for name in self.streams], dtype=torch.float64,
+                                      device=self._params()[0].device) if saved else None
 
     def state_dict(self) -> dict[str, Any]:
         """As :class:`SOAP`; refused in the middle of an accumulation (after a fold, before the step)."""
@@ -315,7 +309,8 @@ class MLFOPSOAP(SOAP):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As :class:`SOAP`; refused in the middle of an accumulation."""
+        """As :class:`SOAP`; refused in the middle of an accumulation. A :class:`SOAP` checkpoint
+        loads too: its groups take this optimizer's FOP values, and its state is the same."""
         self._refuse_mid_accumulation("load_state_dict()")
         super().load_state_dict(state_dict)
 
@@ -327,143 +322,163 @@ class MLFOPSOAP(SOAP):
             )
 
     # ---------------------------------------------------------------------------- step
-    def _step_gradients(self) -> None:
-        folds = self._folds
-        self._last_diagnostics = {}
-        if not folds.active:
-            super()._step_gradients()
+    def _step_gradients(self, work: list[tuple[FOPConfig, Tensor, Tensor]]) -> None:
+        self._record = None
+        if not self._folds.active:
+            super()._step_gradients(work)
             return
-        work = self._gradients()
-        if not self._gradients_are_finite(work):
-            return
+        finished = self._folds.finish([(param, grad) for _, param, grad in work], self._reducer(work))
+        if len(finished.present) == 1:
+            super()._step_gradients(work)
+        else:
+            self._combined_step(work, finished)
+        self._folds.reset()
+
+    def _reducer(self, work: list[tuple[FOPConfig, Tensor, Tensor]]) -> FoldReducer | None:
         group = self.process_group if self.process_group is not None else default_process_group()
-        with_buffers = [param for _, param, _ in work if param in folds.buffers]
-        folds.commit_last_norms(keep=group is None)  # under DDP the last fold is the synced one
-        if group is not None and not folds.reduced:
-            all_reduce_folds(folds, with_buffers, group)
-            folds.reduced = True
-        present = folds.present()
-        if len(present) == 1:
-            if group is not None:  # p.grad must be the ranks' average (DDP synced), else ranks diverge
-                self._rescale_factor(work, present, group)
-            self._update_params(work)
-        else:
-            scale = self._rescale_factor(work, present, group)
-            self._combined_step(work, present, scale)
-        folds.reset()
+        return None if group is None else DDPFoldReducer(group, work[0][1].device)
 
-    def _rescale_factor(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], group) -> float:
-        """The global factor c with ``p.grad = c * sum_k S_k`` (clipping, unscaling); else an error."""
-        folded = [param for _, param, _ in work if param in self._folds.buffers]
-
-        def total(param: Tensor) -> Tensor:  # recomputed, so no second model-sized copy is kept
-            return self._folds.present_sums(param, present).sum(0)
-
-        grad_sq = sum(float(torch.linalg.vector_norm(param.grad)) ** 2 for _, param, _ in work)
-        sums_sq = sum(float(torch.linalg.vector_norm(total(param))) ** 2 for param in folded)
-        streams_sq = sum(float(torch.linalg.vector_norm(self._folds.present_sums(param, present))) ** 2 for param in folded)
-        scale = math.sqrt(grad_sq / sums_sq) if sums_sq > 0.0 else 1.0
-        if abs(scale - 1.0) <= 1e-6:
-            scale = 1.0
-        residual_sq = sum(
-            float(torch.linalg.vector_norm(param.grad - scale * total(param) if param in self._folds.buffers else param.grad))
-            ** 2
-            for _, param, _ in work
-        )
-        tolerance = _RESCALE_RTOL * (math.sqrt(grad_sq) + scale * len(present) * math.sqrt(streams_sq))
-        mismatch = math.sqrt(residual_sq) > tolerance
-        if group is not None:
-            flag = torch.tensor([float(mismatch)], dtype=torch.float64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-            mismatch = bool(flag.item() > 0)
-        if mismatch:
-            raise ValueError(
-                "p.grad no longer matches the folded streams beyond a global scale (relative "
-                f"residual {math.sqrt(residual_sq) / max(math.sqrt(grad_sq), 1e-300):.3g}): fold() after "
-                "every micro-batch's backward, change p.grad after the last fold only by a global "
-                "factor (clip_grad_norm_, GradScaler.unscale_), and under DDP let the last "
-                "micro-batch sync (no_sync() on the others only). No parameter or state was changed."
-            )
-        return scale
-
-    def _stream_weights(self, present: list[int], shares: list[float]) -> Tensor:
-        """Weights ``w`` of the present streams for this step (sum 1, float64)."""
-        mode = self.stream_weights
-        natural = torch.tensor(shares, dtype=torch.float64)
-        if "global" not in self.levels or mode == "tokens":
-            return natural
+    def _weights(self, present: list[int], shares: list[float], device: torch.device) -> Tensor:
+        """Weights ``w`` of the present streams for this step (sum 1, float64, on ``device``)."""
+        mode = self.options.weight_mode()
+        norms = None
+        if mode == "balanced" and self._norm_ema is not None and all(self._norm_started[k] for k in present):
+            norms = self._norm_ema[present]
         names = [self.streams[k] for k in present]
-        if mode == "fixed":
-            weights = torch.ones(len(present), dtype=torch.float64)
-        elif mode == "balanced":
-            if not all(name in self.stream_norm_ema for name in names):
-                weights = torch.ones(len(present), dtype=torch.float64)
-            else:
-                norms = torch.tensor([self.stream_norm_ema[name] for name in names], dtype=torch.float64)
-                weights = norms.clamp_min(1e-30).pow(-self.balance_alpha)
-        else:
-            weights = torch.tensor([float(mode[name]) for name in names], dtype=torch.float64)
-        total = float(weights.sum())
-        return weights / total if total > 0.0 else natural
+        return stream_weights(mode, names, shares, norms, self.options.balance_alpha, device)
 
-    def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], present: list[int], scale: float) -> None:
-        """Pass 1: statistics and layer/head betas; pass 2: blocks that take the global beta."""
-        folds = self._folds
-        shares = folds.shares(present)
-        weights = self._stream_weights(present, shares)
-        names = [self.streams[k] for k in present]
-        use_layer, use_global = "layer" in self.levels, "global" in self.levels
-        detail = DETAIL_LEVELS.index(self.diagnostics_level)
-        deferred: list[_Block] = []
-        k = len(present)
-        d_global, e_global = torch.zeros(k, dtype=torch.float64), torch.zeros(k, k, dtype=torch.float64)
-        gram_e_global, sigma_global = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-        norms_sq = torch.zeros(k, dtype=torch.float64)
-        spread_global, spread_reference_global = torch.zeros(k, k, dtype=torch.float64), 0.0
-        blocks: dict[str, Any] = {}
-        conflicting = counted = 0
-        param_names = self._param_names()
-        for config, param, _ in work:
-            block = self._prepare_block(param_names[param], config, param, present, shares, scale, weights, detail)
-            if block is None:
+    def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], finished: FinishedFolds) -> None:
+        """Pass 1: per batch the streams' statistics and the blocks' own combinations; pass 2:
+        the blocks that take the global beta."""
+        options, present = self.options, finished.present
+        device = work[0][1].device
+        weights = self._weights(present, finished.shares, device)
+        detail = int(options.detail)
+        record = StepRecord([self.streams[k] for k in present], detail, self._param_names()) if detail else None
+        totals = SystemTotals.zeros(len(present), device)
+        deferred = []
+        for item in self._stream_batches(work, finished, weights):
+            if item.batch.step == 0:
+                self._initialise_streams(item, weights)
                 continue
-            norms_sq += torch.diagonal(block.system.gram_hinv)
-            if use_global:
-                d_global += block.system.d
-                e_global += block.system.e
-                spread_global += block.system.spread
-                spread_reference_global += block.system.spread_reference
-                if block.sigma_sq is not None:
-                    sigma_global += block.sigma_sq.sum(1)
-            gram_e_global += block.gram_e
-            counted += 1
-            conflicting += conflicts(block.gram_e)
-            if (use_layer or block.param in self._folds.head_layouts) and param.dim() >= 2:
-                blocks[block.name] = self._finish_block(block, weights, None, names, detail)
+            self._prepare(item, weights, finished)
+            totals.add(item.system, None if item.noise is None else item.noise.sum(-1))
+            own = ("layer" in options.levels or item.heads is not None) and item.batch.params[0].dim() >= 2
+            if own:
+                self._finish(item, weights, record)
             else:
-                deferred.append(block)
-        beta_global = beta_raw_global = torch.zeros(k, dtype=torch.float64)
-        if use_global and deferred:
-            beta_raw_global = solve_beta(d_global, e_global, weights, deferred[0].config.beta_max, spread_global,
-                                         spread_reference_global)
-            beta_global = beta_raw_global * self._shrink(sigma_global, gram_e_global, weights)[0]
-        for block in deferred:
-            blocks[block.name] = self._finish_block(block, weights, beta_global, names, detail)
-        self._update_stream_norms(present, norms_sq)
-        if detail:
-            self._last_diagnostics = {
-                "streams": names,
-                "weights": dict(zip(names, weights.tolist())),
-                "norms_hinv": dict(zip(names, norms_sq.clamp_min(0.0).sqrt().tolist())),
-                "norms": dict(zip(names, torch.diagonal(gram_e_global).clamp_min(0.0).sqrt().tolist())),
-                "conflict_fraction": conflicting / counted if counted else 0.0,
-                "global": {
-                    "beta_raw": dict(zip(names, beta_raw_global.tolist())),
-                    "beta": dict(zip(names, beta_global.tolist())),
-                },
-            }
-            if detail >= DETAIL_LEVELS.index("block"):
-                self._last_diagnostics["blocks"] = blocks
+                deferred.append(item)
+        beta_raw = beta = torch.zeros(len(present), dtype=torch.float64, device=device)
+        if "global" in options.levels and deferred:
+            beta_raw, beta = global_beta(totals, weights, deferred[0].batch.config.beta_max, options.noise_shrinkage)
+        for item in deferred:
+            self._finish(item, weights, record, beta)
+        norms = totals.norms_hinv_sq.clamp_min(0.0).sqrt()
+        self._norm_ema = update_norm_ema(
+            self._norm_ema if self._norm_ema is not None else torch.zeros(len(self.streams), dtype=torch.float64, device=device),
+            self._norm_started, present, norms, options.balance_beta)
+        for k in present:
+            self._norm_started[k] = True
+        if record is not None:
+            record.finish(weights, totals, beta_raw, beta)
+            self._record = record
+
+    def _stream_batches(
+        self, work: list[tuple[FOPConfig, Tensor, Tensor]], finished: FinishedFolds, weights: Tensor
+    ) -> list[_Streams]:
+        """Batches of same-shaped blocks that the same streams reach, with their stream gradients
+        ``g_k = sign * c * S_k / a_k`` (and the noise estimate, with the shrinkage on)."""
+        k = len(finished.present)
+        heads = self.head_layouts if "head" in self.options.levels else {}
+        entries = []
+        for index, (config, param, _) in enumerate(work):
+            layout = layout_of(config, param)
+            reaching = finished.reach.get(param, (False,) * k)
+            entries.append((config, param, layout, self._step_counts.get(param, -1) + 1, reaching, heads.get(param), index))
+        plan = plan_batches(
+            entries,
+            key=lambda e: (id(e[0]), e[2], e[1].dtype, e[1].device, e[3], e[4], e[5],
+                           None if e[0].batched else id(e[1])),
+            layout=lambda e: e[2],
+        )
+        items = []
+        for members in plan:
+            config, _, layout, step, reaching, layout_h, _ = members[0]
+            params = [e[1] for e in members]
+            batch = BlockBatch(config, params, [self.state[p] for p in params], layout, step)
+            sign = -1.0 if config.maximize else 1.0
+            coefficients = finished.scale.to(batch.dtype) * torch.tensor(
+                [sign / share for share in finished.shares], dtype=batch.dtype, device=finished.scale.device)
+            sums = [self._folds.sums(p, finished.present).reshape(k, *layout[0]) for p in params]
+            raw = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
+            item = _Streams(batch, raw * coefficients.view(1, k, *[1] * len(layout[0])), reaching, layout_h)
+            item.noise = self._noise(params, raw, layout_h, finished)
+            item.order = stream_order(item.streams)
+            item.reach = reach_weight(weights, reaching)
+            items.append(item)
+        return items
+
+    def _noise(self, params: list[Tensor], raw: Tensor, layout_h: tuple[int, int] | None,
+               finished: FinishedFolds) -> Tensor | None:
+        """``(B, K, groups)``: the streams' sampling variances from the level-0 norms, or ``None``
+        with the shrinkage off (or before any measured fold)."""
+        inputs = [self._folds.noise_inputs(p, finished.present) for p in params]
+        if not self.options.noise_shrinkage or all(value is None for value in inputs):
+            return None
+        known = next(value for value in inputs if value is not None)
+        micro_sq = torch.stack([torch.zeros_like(known[0]) if value is None else value[0] for value in inputs])
+        batch, k = raw.shape[:2]
+        shaped = raw.reshape(batch, k, *params[0].shape)
+        grouped = split_heads(shaped, *layout_h, leading=2).flatten(3) if layout_h else shaped.reshape(batch, k, 1, -1)
+        sums_sq = grouped.double().square().sum(-1)
+        counts = torch.tensor(known[1])
+        return stream_noise(micro_sq, sums_sq, counts, torch.tensor(known[2]), torch.tensor(finished.shares),
+                            finished.scale)
+
+    def _initialise_streams(self, item: _Streams, weights: Tensor) -> None:
+        """First call: SOAP's initialisation from the streams' statistics (no update)."""
+        statistics = self._factor_statistics(item, weights)
+        self.basis_failures += item.batch.initialise(statistics, [any(item.reaching)] * len(item.batch.params))
+        for param in item.batch.params:
+            self._step_counts[param] = 0 if any(item.reaching) else -1
+
+    def _factor_statistics(self, item: _Streams, weights: Tensor) -> list[Tensor | None]:
+        return stream_factor_statistics(item.streams, weights, item.reach, item.batch.layout[1], item.order,
+                                        shared_only=not self.options.stream_statistics)
+
+    def _prepare(self, item: _Streams, weights: Tensor, finished: FinishedFolds) -> None:
+        """Rotate the streams; the metric h (this step's SOAP denominator) and the FOP system."""
+        config = item.batch.config
+        item.tensors = item.batch.tensors()
+        item.rotated = rotate(item.streams, item.tensors.bases)
+        item.second_moment = stream_second_moment(item.rotated, weights, item.reach, item.order)
+        item.h = soap_denominator(item.tensors.exp_avg_sq, item.second_moment, config.betas[1], config.eps)
+        grams = stream_grams(_flat(item.rotated, 2), _flat(item.h, 1))
+        item.system = fop_system(*grams, weights, config.eps_fop)
+
+    def _finish(self, item: _Streams, weights: Tensor, record: StepRecord | None, beta: Tensor | None = None) -> None:
+        """One combination (own, per head, or with the global ``beta``), then SOAP's update."""
+        config, batch = item.batch.config, item.batch
+        heads = beta is None and item.heads is not None and sum(item.reaching) > 1
+        if heads:
+            combination = combine_heads(
+                item.streams, item.rotated, item.second_moment, item.h, item.tensors.bases, batch.params[0].shape,
+                item.heads, weights, item.order, eps_fop=config.eps_fop, beta_max=config.beta_max,
+                eta_range=config.eta_range, sigma_sq=item.noise,
+            )
+        else:
+            combination = combine_block(
+                _flat(item.rotated, 2), _flat(item.second_moment, 1), item.system, beta_max=config.beta_max,
+                eta_range=config.eta_range, beta=beta,
+                sigma_sq=None if item.noise is None or beta is not None else item.noise.sum(-1),
+            )
+        shape = (len(batch.params), *batch.block_shape)
+        self._update(batch, item.tensors, momentum_input=combination.momentum.view(shape),
+                     second_moment_input=combination.second_moment.view(shape),
+                     factor_statistics=self._factor_statistics(item, weights),
+                     update_scale=combination.eta.to(batch.dtype))
+        if record is not None:
+            record.add(batch.params, item.system, combination, config.eta_range, heads)
 
     def _param_names(self) -> dict[Tensor, str]:
         """Names for diagnostics: from ``named_parameters()`` pairs, else ``group{g}.param{i}``."""
@@ -473,234 +488,3 @@ class MLFOPSOAP(SOAP):
             for i, param in enumerate(group["params"]):
                 names[param] = given[i] if given else f"group{g}.param{i}"
         return names
-
-    def _shrink(self, sigma_sq: Tensor | None, gram_e: Tensor, weights: Tensor) -> tuple[float, float | None]:
-        """``(rho, noise_fraction)``, or ``(1, None)`` with the shrinkage off."""
-        if not self.noise_shrinkage or sigma_sq is None:
-            return 1.0, None
-        return noise_shrinkage(sigma_sq, gram_e, weights)
-
-    def _prepare_block(
-        self,
-        name: str,
-        config: FOPConfig,
-        param: Tensor,
-        present: list[int],
-        shares: list[float],
-        scale: float,
-        weights: Tensor,
-        detail: int,
-    ) -> _Block | None:
-        """Stream gradients of one parameter, rotated, with their Gram matrices (or first-call init)."""
-        block_shape, preconditioned = layout = self._layout(config, param)
-        sign = -1.0 if config.maximize else 1.0
-        dtype = torch.promote_types(param.dtype, torch.float32)
-        if param in self._folds.buffers:
-            sums = self._folds.present_sums(param, present)
-        else:  # a parameter whose gradient is all zero (the rescale test checked it)
-            sums = torch.zeros((len(present), *param.shape), dtype=dtype, device=param.device)
-        coef = torch.tensor([sign * scale / a for a in shares], dtype=dtype, device=param.device)
-        streams = sums.reshape((len(present), *block_shape)) * coef.view(-1, *[1] * len(block_shape))
-        state = self.state[param]
-        # Streams whose gradient on this parameter is exactly zero do not reach it (a module of
-        # another modality): their zeros are no disagreement. The statistics are scaled by the
-        # reaching streams' weight W, so a module that one stream reaches gets SOAP's.
-        reaching = (streams.reshape(len(present), -1).abs().amax(1) > 0).cpu()
-        reached, reach = int(reaching.sum()), float(weights[reaching].sum())
-        if _awaits_first_call(state):
-            statistics = self._factor_statistics(streams, weights, preconditioned, reach)
-            self._init_state(config, param, layout, statistics, bool(streams.any()))
-            return None
-        exp_avg, exp_avg_sq, _, bases = _block_tensors(state, layout)
-        rotated = rotate(streams, bases)
-        w = weights.to(dtype=dtype, device=param.device)
-        second_moment = torch.tensordot(w * reach, rotated.square(), dims=1)
-        h = exp_avg_sq.lerp(second_moment, 1.0 - config.betas[1]).sqrt_().add_(config.eps)
-        gram_h, gram_hinv = stream_gram_matrices(rotated, h)
-        gram_e = euclidean_gram(rotated)
-        system = fop_system(gram_h, gram_hinv, weights, config.eps_fop, gram_e)
-        sigma_sq = None
-        if self.noise_shrinkage and param in self._folds.micro_sq:
-            layout_h = self._folds.head_layouts.get(param)
-            grouped = split_heads(sums, *layout_h, leading=1).flatten(2) if layout_h else sums.reshape(len(present), 1, -1)
-            sums_sq = grouped.square().sum(2).double().cpu()
-            micro_sq = self._folds.micro_sq[param][present]
-            counts = torch.tensor([self._folds.micro_batches[k] for k in present])
-            norm_counts = torch.tensor([self._folds.norm_counts[k] for k in present])
-            sigma_sq = stream_noise(micro_sq, sums_sq, counts, norm_counts, torch.tensor(shares), scale)
-        return _Block(name, config, param, streams, rotated, h, second_moment, system, gram_h, gram_e, sigma_sq,
-                      reached, reach)
-
-    def _finish_block(
-        self, block: _Block, weights: Tensor, beta: Tensor | None, names: list[str], detail: int
-    ) -> dict[str, Any]:
-        """Combine the streams (with ``beta``, or the block's own per layer or per head) and step."""
-        config, param = block.config, block.param
-        layout = self._layout(config, param)
-        record: dict[str, Any] = {}
-        heads = self._folds.head_layouts.get(param)
-        if beta is None and heads is not None and block.reached > 1:
-            momentum, eta, record = self._combine_heads(block, weights, heads, names, detail)
-        else:
-            noise_fraction = None
-            beta_raw = beta
-            if beta is None:
-                beta_raw = solve_beta(block.system.d, block.system.e, weights, config.beta_max, block.system.spread,
-                                      block.system.spread_reference)
-                rho, noise_fraction = self._shrink(
-                    None if block.sigma_sq is None else block.sigma_sq.sum(1), block.gram_e, weights
-                )
-                beta = beta_raw * rho
-            if bool((beta == 0).all()):
-                coefficients, eta = block.system.weights, 1.0
-            else:
-                coefficients = combination_coefficients(block.system, beta)
-                eta = step_scale(block.system, coefficients, config.eta_range)
-            momentum = combine(block.rotated, coefficients)
-            if detail >= DETAIL_LEVELS.index("block"):
-                record = stream_record(
-                    names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=beta_raw,
-                    beta=beta, eta=eta, noise_fraction=noise_fraction,
-                )
-        self._real_step(
-            config,
-            param,
-            self.state[param],
-            layout,
-            momentum_input=momentum,
-            second_moment_input=torch.maximum(block.second_moment, momentum.square()),
-            factor_statistics=self._factor_statistics(block.streams, weights, layout[1], block.reach),
-            update_scale=eta,
-        )
-        return record
-
-    def _combine_heads(
-        self, block: _Block, weights: Tensor, heads: tuple[int, int], names: list[str], detail: int
-    ) -> tuple[Tensor, float, dict[str, Any]]:
-        """Head level: FOP on each head's subspace (block-diagonal across heads), summed.
-
-        Head h's streams are the streams masked to the head's slice (zero elsewhere), rotated:
-        the metrics restricted to that subspace are then exact inner products, and a single
-        head is exactly the layer level. The H heads together cost about one rotation of the K
-        streams (:func:`mlfop.functional.heads.rotate_heads`).
-        """
-        config, param = block.config, block.param
-        num_heads, axis = heads
-        bases = _block_tensors(self.state[param], self._layout(config, param))[3]
-        k = block.streams.shape[0]
-        momentum = torch.zeros_like(block.rotated[0])
-        # Plain inner products need no rotation: one contraction for all heads.
-        flat = block.streams.reshape(k, *param.shape)
-        grams_e = head_gram(flat, flat, num_heads, axis)
-        corrected = False  # whether any head's combination differs from the shared component
-        head_records: dict[str, Any] = {}
-        for h, rotated in enumerate(rotate_heads(block.streams, bases, param.shape, num_heads, axis)):
-            gram_h, gram_hinv = stream_gram_matrices(rotated, block.h)
-            system = fop_system(gram_h, gram_hinv, weights, config.eps_fop, grams_e[h])
-            beta_raw = solve_beta(system.d, system.e, weights, config.beta_max, system.spread, system.spread_reference)
-            gram_e = grams_e[h]
-            sigma = None if block.sigma_sq is None else block.sigma_sq[:, h]
-            rho, noise_fraction = self._shrink(sigma, gram_e, weights)
-            beta = beta_raw * rho
-            coefficients = combination_coefficients(system, beta)
-            momentum += combine(rotated, coefficients)
-            corrected |= not bool((coefficients == block.system.weights).all())
-            if detail >= DETAIL_LEVELS.index("head"):
-                head_records[str(h)] = stream_record(
-                    names, gram_e=gram_e, gram_h=gram_h, s=system.s, beta_raw=beta_raw, beta=beta,
-                    eta=step_scale(system, coefficients, config.eta_range), noise_fraction=noise_fraction,
-                )
-        shared = combine(block.rotated, block.system.weights)
-        comb_norm = float((momentum.square() / block.h).sum())
-        eta = 1.0
-        if comb_norm > 0.0 and corrected:
-            eta = float((shared * momentum / block.h).sum()) / comb_norm
-            eta = min(max(eta, config.eta_range[0]), config.eta_range[1])
-        record: dict[str, Any] = {}
-        if detail >= DETAIL_LEVELS.index("block"):
-            zeros = torch.zeros(len(names), dtype=torch.float64)
-            record = stream_record(
-                names, gram_e=block.gram_e, gram_h=block.gram_h, s=block.system.s, beta_raw=zeros,
-                beta=zeros, eta=eta, noise_fraction=None,
-            )
-            del record["beta_raw"], record["beta"]  # the betas are per head
-            if head_records:
-                record["heads"] = head_records
-        return momentum, eta, record
-
-    def _factor_statistics(
-        self, streams: Tensor, weights: Tensor, preconditioned: tuple[bool, ...], reach: float
-    ) -> list[Tensor | None]:
-        r"""Kronecker statistics: :math:`W \sum_k w_k G_{k(i)} G_{k(i)}^\top` from the streams
-        (``reach`` :math:`= W`, the weight of the streams that reach the parameter), or, with
-        ``stream_statistics=False``, :math:`\bar G_{(i)} \bar G_{(i)}^\top` of the shared
-        component (SOAP's own statistic under the natural weights; K - 1 fewer products)."""
-        w = weights.to(dtype=streams.dtype, device=streams.device)
-        if not self.stream_statistics:
-            return kronecker_statistics(torch.tensordot(w, streams, dims=1), preconditioned)
-        scale = (w * reach).sqrt().view(-1, *[1] * (streams.dim() - 1))
-        return kronecker_statistics(streams * scale, preconditioned)
-
-    def _update_stream_norms(self, present: list[int], norms_sq: Tensor) -> None:
-        """EMA of each stream's global norm under the inverse metric (for ``"balanced"``)."""
-        for k, norm_sq in zip(present, norms_sq.tolist()):
-            name, norm = self.streams[k], math.sqrt(max(norm_sq, 0.0))
-            previous = self.stream_norm_ema.get(name)
-            self.stream_norm_ema[name] = norm if previous is None else (
-                self.balance_beta * previous + (1.0 - self.balance_beta) * norm
-            )
-
-
-
-
-def _check_streams(streams: Iterable[str] | None) -> tuple[str, ...]:
-    if streams is None:
-        return UNTAGGED_STREAMS
-    if isinstance(streams, str):
-        raise TypeError(f"streams must be a sequence of names such as ('image', 'text'), got the string {streams!r}")
-    names = tuple(streams)
-    if not all(isinstance(name, str) and name for name in names):
-        raise TypeError(f"streams must be non-empty strings, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"streams must be distinct, got duplicates in {names!r}")
-    if len(names) < 2:
-        raise ValueError(
-            f"streams needs at least 2 names (got {names!r}); with a single stream use mlfop.SOAP, "
-            f"or streams=None to split untagged micro-batches into two sub-batch streams"
-        )
-    return names
-
-
-def _check_weights(weights: str | Mapping[str, float], streams: tuple[str, ...]) -> str | dict[str, float]:
-    if isinstance(weights, str):
-        if weights not in WEIGHT_MODES:
-            raise ValueError(f"stream_weights must be one of {WEIGHT_MODES} or a {{stream: weight}} mapping, got {weights!r}")
-        return weights
-    if not isinstance(weights, Mapping):
-        raise TypeError(f"stream_weights must be one of {WEIGHT_MODES} or a mapping, got {type(weights).__name__}")
-    missing = [name for name in streams if name not in weights]
-    unknown = [name for name in weights if name not in streams]
-    if missing or unknown:
-        raise ValueError(
-            f"stream_weights must give a weight for every stream {list(streams)} and no other: "
-            f"missing {missing}, unknown {unknown}"
-        )
-    values = {}
-    for name in streams:
-        value = weights[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < math.inf:
-            raise ValueError(f"stream_weights[{name!r}] must be a finite number >= 0, got {value!r}")
-        values[name] = float(value)
-    if sum(values.values()) <= 0.0:
-        raise ValueError("stream_weights must not all be zero")
-    return values
-
-
-def _check_levels(levels: Iterable[str]) -> tuple[str, ...]:
-    if isinstance(levels, str):
-        raise TypeError(f"levels must be a collection such as ('global', 'layer'), got the string {levels!r}")
-    chosen = tuple(levels)
-    unknown = [level for level in chosen if level not in LEVELS]
-    if unknown:
-        raise ValueError(f"levels must be a subset of {LEVELS}, got unknown {unknown}")
-    return tuple(level for level in LEVELS if level in chosen)

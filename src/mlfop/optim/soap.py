@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+import math
 from itertools import chain
 from typing import Any, Callable
 
@@ -10,16 +11,27 @@ import torch
 from torch import Tensor
 
 from mlfop._warnings import warn_at_caller
-from mlfop.functional.rotation import block_layout, kronecker_statistics, rotate
-from mlfop.functional.soap import ema_factors_, first_eigenbasis, soap_block_update_
+from mlfop.functional.rotation import kronecker_statistics, rotate
+from mlfop.functional.soap import soap_update_
+from mlfop.optim.block_state import (
+    BlockBatch,
+    BlockTensors,
+    check_param,
+    layout_of,
+    materialize_params,
+    plan_batches,
+    state_dtype,
+    state_keys,
+    state_shapes,
+)
 from mlfop.optim.config import SOAPConfig
 
-__all__ = ["SOAP"]
+__all__ = ["SOAP", "SOAP_ARGS_DOC"]
 
 # Optimizer-wide values (counters, the balanced weights' norm EMA): saved in every param group.
 _GLOBAL_KEY = "global_state"
 
-_SOAP_ARGS_DOC = r"""
+SOAP_ARGS_DOC = r"""
     Args:
         params (iterable): parameters or param groups (dicts, each may override any
             hyper-parameter below) or ``(name, parameter)`` pairs.
@@ -40,9 +52,13 @@ _SOAP_ARGS_DOC = r"""
         normalize_grads (bool, optional): divide each update by its RMS (default: False).
         correct_bias (bool, optional): Adam's bias correction in the step size (default: True).
         maximize (bool, optional): maximise the objective (default: False).
-        nonfinite (str, optional): what a step with a NaN/Inf gradient does: ``"skip"`` refuses
-            the whole step (parameters and state untouched, ``skipped_steps`` incremented, one
-            warning); ``"raise"`` raises ``FloatingPointError`` (default: "skip").
+        nonfinite (str, optional): what a step with a NaN/Inf gradient (or one so large that its
+            squares overflow) does: ``"skip"`` refuses the whole step (parameters and state
+            untouched, ``skipped_steps`` incremented, one warning); ``"raise"`` raises
+            ``FloatingPointError`` (default: "skip").
+        batched (bool, optional): step same-shaped blocks together in batched kernels; False
+            steps one block at a time, which bounds the extra memory to one block's working
+            set (default: True).
 """
 
 _FP32_STATE_KEYS_NOTE = """
@@ -53,38 +69,6 @@ _FP32_STATE_KEYS_NOTE = """
     Statistics are kept in float32 for bf16/fp16 parameters (float64 for float64 ones),
     including after ``load_state_dict``.
 """
-
-
-def _materialize_params(params: Any, owner: str) -> list[Any]:
-    if isinstance(params, Tensor):
-        raise TypeError(
-            f"{owner} expects an iterable of parameters or param groups, got a single Tensor; "
-            f"pass [tensor] or model.parameters()"
-        )
-    params = list(params)
-    if not params:
-        raise ValueError(
-            f"{owner} got an empty parameter list; pass the parameters to optimise, "
-            f"e.g. {owner}(model.parameters())"
-        )
-    return params
-
-
-def _check_param(param: Any, owner: str) -> None:
-    if not isinstance(param, Tensor):
-        raise TypeError(f"{owner} parameters must be tensors, got {type(param).__name__}")
-    if param.layout != torch.strided:  # is_sparse is False for CSR/CSC/BSR/BSC layouts
-        raise TypeError(f"{owner} does not support sparse parameters (got layout {param.layout}); use dense tensors")
-    if param.is_complex():
-        raise TypeError(
-            f"{owner} does not support complex parameters (got {param.dtype}); "
-            f"optimise torch.view_as_real(param) instead"
-        )
-    if not param.is_floating_point():
-        raise TypeError(
-            f"{owner} needs floating-point parameters (float16, bfloat16, float32, float64), "
-            f"got {param.dtype} of shape {tuple(param.shape)}"
-        )
 
 
 class SOAP(torch.optim.Optimizer):
@@ -121,12 +105,17 @@ class SOAP(torch.optim.Optimizer):
     ``precondition_1d``) and 0-D parameters keep the identity basis: for them SOAP is Adam
     with decoupled weight decay applied after the update.
 
-    A step with a non-finite gradient is refused as a whole (see ``nonfinite``). A failed
+    Same-shaped blocks of a param group are stacked and stepped by batched kernels
+    (``batched=False``: one block at a time); a regular step reads one value back to the host,
+    whatever the number of parameters (whether the gradients are finite).
+
+    A step with a non-finite gradient, or one whose squares would overflow the statistics'
+    dtype, is refused as a whole (see ``nonfinite``). A failed
     ``eigh``/QR is retried in float64; if that fails too the previous basis (identity at the
     first call) is kept and ``basis_failures`` is incremented.
     """
 
-    __doc__ = (__doc__ or "") + _SOAP_ARGS_DOC + _FP32_STATE_KEYS_NOTE
+    __doc__ = (__doc__ or "") + SOAP_ARGS_DOC + _FP32_STATE_KEYS_NOTE
 
     config_class: type[SOAPConfig] = SOAPConfig
 
@@ -147,6 +136,7 @@ class SOAP(torch.optim.Optimizer):
         *,
         maximize: bool = False,
         nonfinite: str = "skip",
+        batched: bool = True,
     ) -> None:
         # Every argument but params is a config field: validated and flattened in one place.
         config = SOAPConfig.from_group(locals())
@@ -156,7 +146,8 @@ class SOAP(torch.optim.Optimizer):
         """Shared by subclasses: counters, then ``torch.optim.Optimizer`` with plain group values."""
         self.skipped_steps = 0
         self.basis_failures = 0
-        torch.optim.Optimizer.__init__(self, _materialize_params(params, type(self).__name__), config.to_group())
+        self._step_counts: dict[Tensor, int] = {}
+        torch.optim.Optimizer.__init__(self, materialize_params(params, type(self).__name__), config.to_group())
 
     # ----------------------------------------------------------------- groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -166,7 +157,7 @@ class SOAP(torch.optim.Optimizer):
             group = self.param_groups[-1]
             self.config_class.from_group(group)
             for param in group["params"]:
-                _check_param(param, type(self).__name__)
+                check_param(param, type(self).__name__)
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
@@ -183,11 +174,18 @@ class SOAP(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("basis_failures", 0)
+        self._read_step_counts()
+
+    def _read_step_counts(self) -> None:
+        """Rebuild the host copy of every parameter's step counter from the state (one read)."""
+        params = [p for p, entry in self.state.items() if "step" in entry]
+        counts = torch.stack([self.state[p]["step"].float().cpu() for p in params]).tolist() if params else []
+        self._step_counts = {p: int(count) for p, count in zip(params, counts)}
 
     # --------------------------------------------------------------------- state dict
     def _global_state(self) -> dict[str, Any]:
         """Optimizer-wide values saved beside the per-parameter state (plain numbers)."""
-        return {"skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
+        return {"kind": type(self).__name__, "skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
 
     def _load_global_state(self, global_state: dict[str, Any]) -> None:
         self.skipped_steps = int(global_state.get("skipped_steps", 0))
@@ -195,21 +193,24 @@ class SOAP(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The usual ``{"state", "param_groups"}``; every saved group also holds ``"global_state"``
-        (counters and the like), because DCP's ``get_optimizer_state_dict`` keeps only ``state``
-        and ``param_groups``."""
+        (the optimizer kind, counters and the like), because DCP's ``get_optimizer_state_dict``
+        keeps only ``state`` and ``param_groups``."""
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             group[_GLOBAL_KEY] = self._global_state()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load as ``torch.optim.Optimizer`` does, but keep the statistics in their wide dtype.
+        """Load as ``torch.optim.Optimizer`` does, after checking that the state fits.
 
-        The base class casts every floating state tensor to its parameter's dtype, which would
-        turn fp32 factors of a bf16 parameter into bf16; the saved tensors are put back.
+        Refused (``ValueError``, the optimizer unchanged) when the saved groups' values are
+        invalid, or a parameter's saved state lacks keys, has others, or has tensors of other
+        shapes than this parameter needs (a checkpoint of another model or optimizer). Keys that
+        the saved groups lack (a :class:`SOAP` checkpoint loaded into :class:`MLFOPSOAP`) take
+        this optimizer's current values. The statistics keep their wide dtype (the base class
+        would cast float32 factors of a bf16 parameter to bf16).
         """
-        for group in state_dict["param_groups"]:
-            self.config_class.from_group({**self.defaults, **group})
+        state_dict = self._checked_state_dict(state_dict)
         saved = {
             pid: {key: value for key, value in entry.items() if key != "step" and isinstance(value, Tensor)}
             for pid, entry in state_dict["state"].items()
@@ -220,12 +221,64 @@ class SOAP(torch.optim.Optimizer):
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
         for pid, param in zip(saved_ids, params):
-            dtype = _state_dtype(param)
+            dtype = state_dtype(param)
             for key, value in saved.get(pid, {}).items():
-                self.state[param][key] = value.to(device=param.device, dtype=dtype)
+                self.state[param][key] = value.to(device=param.device, dtype=dtype).contiguous()
+            entry = self.state.get(param)
+            if entry and "step" in entry:
+                entry["step"] = entry["step"].to(device="cpu", dtype=torch.float32)
+        self._read_step_counts()
         # (a top-level "global_state": checkpoints written before it moved into the groups)
         groups = state_dict["param_groups"]
         self._load_global_state(state_dict.get(_GLOBAL_KEY, groups[0].get(_GLOBAL_KEY, {}) if groups else {}))
+
+    def _checked_state_dict(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with missing group keys filled in, after every check of the docstring."""
+        owner = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{owner}.load_state_dict expects a dict with 'state' and 'param_groups' "
+                             f"(from optimizer.state_dict()), got {type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+            len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)
+        ):
+            raise ValueError(
+                f"{owner}.load_state_dict: the checkpoint has groups of "
+                f"{[len(g['params']) for g in saved_groups]} parameters, this optimizer "
+                f"{[len(g['params']) for g in self.param_groups]}; build the optimizer over the same "
+                f"parameters, in the same groups, as the one that was saved"
+            )
+        groups = []
+        for saved, group in zip(saved_groups, self.param_groups):
+            filled = {**{k: v for k, v in group.items() if k != "params"}, **saved}
+            self.config_class.from_group(filled)
+            groups.append(filled)
+        for saved_group, group in zip(groups, self.param_groups):
+            config = self.config_class.trusted(saved_group)
+            for pid, param in zip(saved_group["params"], group["params"]):
+                entry = state_dict["state"].get(pid)
+                if entry:
+                    self._check_saved_entry(entry, param, config)
+        return {**state_dict, "param_groups": groups}
+
+    def _check_saved_entry(self, entry: dict[str, Any], param: Tensor, config: SOAPConfig) -> None:
+        layout = layout_of(config, param)
+        expected = state_shapes(param, layout)
+        where = f"the saved state of a parameter of shape {tuple(param.shape)}"
+        if set(entry) != state_keys(layout):
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: {where} has keys {sorted(entry)}, but this "
+                f"optimizer keeps {sorted(expected)} for it: the checkpoint is of another optimizer, "
+                f"model or max_precond_dim/merge_dims/precondition_1d; load it into the optimizer that saved it"
+            )
+        for key, shape in expected.items():
+            value = entry[key]
+            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: {where} has {key} of shape {got}, "
+                    f"expected {shape}: the checkpoint is of a model with other shapes"
+                )
 
     # --------------------------------------------------------------------------- step
     @torch.no_grad()
@@ -235,106 +288,96 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._step_gradients()
+        work = self._gradients()
+        if self._accepts(work):
+            self._step_gradients(work)
         return loss
 
-    def _step_gradients(self) -> None:
-        """Update every parameter from ``p.grad`` (after the non-finite check)."""
-        work = self._gradients()
-        if self._gradients_are_finite(work):
-            self._update_params(work)
-
-    def _update_params(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
-        for config, param, grad in work:
-            self._update_param(config, param, grad)
+    def _step_gradients(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
+        """SOAP on ``p.grad``: each batch is initialised (first call) or takes a step."""
+        for batch, grads in self._batches(work):
+            stacked = batch.stack(grads)
+            if batch.config.maximize:
+                stacked = -stacked
+            statistics = kronecker_statistics(stacked, batch.layout[1], batch_dims=1)
+            if batch.step == 0:
+                self._initialise(batch, statistics, stacked)
+                continue
+            tensors = batch.tensors()
+            rotated = rotate(stacked, tensors.bases)
+            self._update(batch, tensors, momentum_input=rotated, second_moment_input=rotated.square(),
+                         factor_statistics=statistics)
 
     def _gradients(self) -> list[tuple[SOAPConfig, Tensor, Tensor]]:
-        """``(config, param, grad)`` for every parameter with a gradient (``-grad`` to maximise)."""
+        """``(config, param, grad)`` for every parameter with a gradient."""
         work = []
         for group in self.param_groups:
-            config = self.config_class.from_group(group)
+            config = self.config_class.trusted(group)
             for param in group["params"]:
                 grad = param.grad
                 if grad is None:
                     continue
                 if grad.is_sparse:
                     raise TypeError(f"{type(self).__name__} does not support sparse gradients; use a dense embedding")
-                work.append((config, param, -grad if config.maximize else grad))
+                work.append((config, param, grad))
         return work
 
-    def _gradients_are_finite(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> bool:
-        """Check every gradient at once; on a NaN/Inf apply the ``nonfinite`` policy."""
-        if not work:
-            return True
-        finite = torch.stack([torch.isfinite(grad).all().to(device="cpu") for _, _, grad in work])
-        if bool(finite.all()):
-            return True
-        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        first_config, first_param, _ = work[bad[0]]
-        where = (
-            f"{len(bad)} of {len(work)} gradients are not finite "
-            f"(the first one for a parameter of shape {tuple(first_param.shape)})"
-        )
-        if any(work[i][0].nonfinite == "raise" for i in bad):
-            raise FloatingPointError(
-                f"{type(self).__name__}: {where}; no parameter or state was changed. "
-                f"Lower the learning rate or use a GradScaler, or pass nonfinite='skip' to skip such steps."
-            )
-        self.skipped_steps += 1
-        warn_at_caller(
-            f"{type(self).__name__} skipped a step: {where}; parameters and state are unchanged "
-            f"({self.skipped_steps} step(s) skipped so far). Pass nonfinite='raise' to raise instead.",
-            RuntimeWarning,
-        )
-        return False
+    def _batches(self, work: list[tuple[Any, Tensor, Tensor]]) -> list[tuple[BlockBatch, list[Tensor]]]:
+        """Batches of same-shaped blocks at the same step count, with their gradients.
 
-    def _update_param(self, config: SOAPConfig, param: Tensor, grad: Tensor) -> None:
-        """SOAP on one parameter: the first call sets up the bases, later calls take a step."""
-        layout = self._layout(config, param)
-        # Contiguous first, so that a channels_last or strided gradient takes the same steps.
-        block = grad.to(dtype=_state_dtype(param), memory_format=torch.contiguous_format).view(layout[0])
-        state = self.state[param]
-        if _awaits_first_call(state):
-            self._init_state(config, param, layout, kronecker_statistics(block, layout[1]), bool(block.any()))
-            return
-        rotated = rotate(block, _block_tensors(state, layout)[3])
-        self._real_step(
-            config,
-            param,
-            state,
-            layout,
-            momentum_input=rotated,
-            second_moment_input=rotated.square(),
-            factor_statistics=kronecker_statistics(block, layout[1]),
+        A batch's ``step`` is the count its update takes (0: a first call, which initialises).
+        """
+        entries = []
+        for config, param, grad in work:
+            layout = layout_of(config, param)
+            entries.append((config, param, grad, layout, self._step_counts.get(param, -1) + 1))
+        plan = plan_batches(
+            entries,
+            key=lambda e: (id(e[0]), e[3], e[1].dtype, e[1].device, e[4], None if e[0].batched else id(e[1])),
+            layout=lambda e: e[3],
         )
+        return [
+            (BlockBatch(members[0][0], [e[1] for e in members], [self.state[e[1]] for e in members],
+                        members[0][3], members[0][4]), [e[2] for e in members])
+            for members in plan
+        ]
 
-    def _real_step(
+    def _initialise(self, batch: BlockBatch, statistics: list[Tensor | None], stacked: Tensor) -> None:
+        """First call of a batch: state from its statistics (a block of zeros stays waiting)."""
+        informative = (stacked.reshape(len(batch.params), -1).abs().amax(1) > 0).tolist()
+        self.basis_failures += batch.initialise(statistics, informative)
+        for param, ok in zip(batch.params, informative):
+            self._step_counts[param] = 0 if ok else -1
+
+    def _update(
         self,
-        config: SOAPConfig,
-        param: Tensor,
-        state: dict[str, Any],
-        layout: tuple[tuple[int, ...], tuple[bool, ...]],
+        batch: BlockBatch,
+        tensors: BlockTensors,
         *,
         momentum_input: Tensor,
         second_moment_input: Tensor,
         factor_statistics: list[Tensor | None],
-        update_scale: float | Tensor = 1.0,
+        update_scale: Tensor | None = None,
     ) -> None:
-        """Advance the step counter and run SOAP's update with the given gradient statistics."""
-        exp_avg, exp_avg_sq, factors, bases = _block_tensors(state, layout)
-        state["step"] += 1
+        """Advance the step counters and run SOAP's update with the given gradient statistics."""
+        config = batch.config
+        # A tensor lr stays on its device (no host read), in float64 as a Python float would be.
+        lr = config.lr.double() if isinstance(config.lr, Tensor) else config.lr
+        batch.advance_steps()
+        for param in batch.params:
+            self._step_counts[param] = batch.step
         beta1, beta2 = config.betas
-        self.basis_failures += soap_block_update_(
-            param,
-            exp_avg,
-            exp_avg_sq,
-            factors,
-            bases,
+        self.basis_failures += soap_update_(
+            batch.params,
+            tensors.exp_avg,
+            tensors.exp_avg_sq,
+            tensors.factors,
+            tensors.bases,
             momentum_input=momentum_input,
             second_moment_input=second_moment_input,
             factor_statistics=factor_statistics,
-            step=int(state["step"]),
-            lr=float(config.lr),
+            step=batch.step,
+            lr=lr,
             beta1=beta1,
             beta2=beta2,
             factor_beta=config.factor_beta,
@@ -345,67 +388,44 @@ class SOAP(torch.optim.Optimizer):
             normalize_grads=config.normalize_grads,
             update_scale=update_scale,
         )
+        batch.write_back(tensors, bases=batch.step % config.precondition_frequency == 0)
 
-    @staticmethod
-    def _layout(config: SOAPConfig, param: Tensor) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-        return block_layout(
-            param.shape,
-            max_precond_dim=config.max_precond_dim,
-            merge_dims=config.merge_dims,
-            precondition_1d=config.precondition_1d,
+    def _accepts(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> bool:
+        """Whether every gradient is finite and its squares fit the statistics' dtype (one host
+        read); otherwise apply the ``nonfinite`` policy."""
+        if not work:
+            return True
+        grads = [grad for _, _, grad in work]
+        largest = torch._foreach_norm(grads, float("inf"))
+        # |g| < sqrt(max / numel) keeps every sum of squares of the tensor finite.
+        relative = torch._foreach_mul(largest, [1.0 / _overflow_bound(param) for _, param, _ in work])
+        worst = torch.stack(relative).max() if len(relative) > 1 else relative[0]
+        if bool(worst < 1.0):
+            return True
+        bad = [i for i, value in enumerate(torch.stack(relative).tolist()) if not value < 1.0]
+        self._refuse(
+            [work[i][0] for i in bad],
+            f"{len(bad)} of {len(work)} gradients are not finite or so large that their squares overflow "
+            f"(the first one for a parameter of shape {tuple(work[bad[0]][1].shape)})",
+        )
+        return False
+
+    def _refuse(self, configs: list[SOAPConfig], where: str) -> None:
+        """Apply the ``nonfinite`` policy of the offending groups to a refused step."""
+        if any(config.nonfinite == "raise" for config in configs):
+            raise FloatingPointError(
+                f"{type(self).__name__}: {where}; no parameter or state was changed. "
+                f"Lower the learning rate or use a GradScaler, or pass nonfinite='skip' to skip such steps."
+            )
+        self.skipped_steps += 1
+        warn_at_caller(
+            f"{type(self).__name__} skipped a step: {where}; parameters and state are unchanged "
+            f"({self.skipped_steps} step(s) skipped so far). Pass nonfinite='raise' to raise instead.",
+            RuntimeWarning,
         )
 
-    def _init_state(
-        self,
-        config: SOAPConfig,
-        param: Tensor,
-        layout: tuple[tuple[int, ...], tuple[bool, ...]],
-        factor_statistics: list[Tensor | None],
-        informative: bool,
-    ) -> None:
-        """First call: zero moments, factors from this step's statistics, first bases by ``eigh``.
 
-        An all-zero gradient (``informative=False``, e.g. the zero step that
-        ``torch.distributed.checkpoint`` takes on a fresh optimizer) allocates the state with
-        ``step = -1``, so that the next call initialises again, as if this one never happened.
-        """
-        block_shape, preconditioned = layout
-        state = self.state[param]
-        dtype = _state_dtype(param)
-        state["step"] = torch.tensor(0.0 if informative else -1.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        state["exp_avg_sq"] = torch.zeros(param.shape, dtype=dtype, device=param.device)
-        factors: list[Tensor | None] = [
-            torch.zeros(size, size, dtype=dtype, device=param.device) if rotated else None
-            for size, rotated in zip(block_shape, preconditioned)
-        ]
-        ema_factors_(factors, factor_statistics, config.factor_beta)
-        for i, factor in enumerate(factors):
-            if factor is None:
-                continue
-            basis = first_eigenbasis(factor)
-            if basis is None:
-                self.basis_failures += 1
-                basis = torch.eye(factor.shape[0], dtype=dtype, device=param.device)
-            state[f"factor_{i}"] = factor
-            state[f"basis_{i}"] = basis
-
-
-def _awaits_first_call(state: dict[str, Any]) -> bool:
-    """No state yet, or only the placeholder left by an all-zero first gradient."""
-    return not state or float(state["step"]) < 0
-
-
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """Statistics are at least float32: float32 for (b)f16 parameters, float64 for float64."""
-    return torch.promote_types(param.dtype, torch.float32)
-
-
-def _block_tensors(
-    state: dict[str, Any], layout: tuple[tuple[int, ...], tuple[bool, ...]]
-) -> tuple[Tensor, Tensor, list[Tensor | None], list[Tensor | None]]:
-    """Block-shaped views of the moments and the per-dimension factors and bases."""
-    block_shape, preconditioned = layout
-    factors = [state[f"factor_{i}"] if rotated else None for i, rotated in enumerate(preconditioned)]
-    bases = [state[f"basis_{i}"] if rotated else None for i, rotated in enumerate(preconditioned)]
-    return state["exp_avg"].view(block_shape), state["exp_avg_sq"].view(block_shape), factors, bases
+def _overflow_bound(param: Tensor) -> float:
+    r"""The magnitude below which the squares of a gradient of ``param`` sum to a finite value
+    in the statistics' dtype: :math:`\sqrt{\max / n}`."""
+    return math.sqrt(torch.finfo(state_dtype(param)).max / max(1, param.numel()))

@@ -1,0 +1,239 @@
+"""SOAP's per-parameter state: its layout, its allocation, and batches of same-shaped blocks.
+
+State of a parameter (plain tensors, so ``torch.load(weights_only=True)`` and
+``torch.distributed.checkpoint`` read it): ``step`` (0-d float32 on the CPU, real steps taken;
+-1 while a first call saw only zeros), ``exp_avg`` (:math:`M`, eigenbasis) and ``exp_avg_sq``
+(:math:`V`), parameter-shaped, and per rotated block dimension ``i`` a factor ``factor_{i}``
+and a basis ``basis_{i}``, all on the parameter's device, in its :func:`state_dtype`.
+
+The step works on :class:`BlockBatch` es: the blocks of one param group that share a layout,
+dtype, device and step count, stacked along a leading axis so that one batched kernel serves
+them all. A batch of one block uses views of its state, so it costs no copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mlfop.functional.rotation import block_layout
+from mlfop.functional.soap import ema_factors_, first_eigenbasis
+
+__all__ = [
+    "Layout",
+    "state_dtype",
+    "materialize_params",
+    "check_param",
+    "layout_of",
+    "state_keys",
+    "BlockTensors",
+    "BlockBatch",
+    "plan_batches",
+    "MAX_BATCH_ELEMENTS",
+]
+
+Layout = tuple[tuple[int, ...], tuple[bool, ...]]
+
+# A batch holds at most this many state elements (moments, factors, bases), so that the
+# stacked copies of a model's largest layers stay a bounded working set (512 MiB in float32).
+MAX_BATCH_ELEMENTS = 2**27
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Statistics are at least float32: float32 for (b)f16 parameters, float64 for float64."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def materialize_params(params: Any, owner: str) -> list[Any]:
+    """The parameters (or groups) as a non-empty list; a lone tensor is refused."""
+    if isinstance(params, Tensor):
+        raise TypeError(
+            f"{owner} expects an iterable of parameters or param groups, got a single Tensor; "
+            f"pass [tensor] or model.parameters()"
+        )
+    params = list(params)
+    if not params:
+        raise ValueError(
+            f"{owner} got an empty parameter list; pass the parameters to optimise, "
+            f"e.g. {owner}(model.parameters())"
+        )
+    return params
+
+
+def check_param(param: Any, owner: str) -> None:
+    """Refuse what SOAP cannot optimise: non-tensors, sparse, complex and integer tensors."""
+    if not isinstance(param, Tensor):
+        raise TypeError(f"{owner} parameters must be tensors, got {type(param).__name__}")
+    if param.layout != torch.strided:  # is_sparse is False for CSR/CSC/BSR/BSC layouts
+        raise TypeError(f"{owner} does not support sparse parameters (got layout {param.layout}); use dense tensors")
+    if param.is_complex():
+        raise TypeError(
+            f"{owner} does not support complex parameters (got {param.dtype}); "
+            f"optimise torch.view_as_real(param) instead"
+        )
+    if not param.is_floating_point():
+        raise TypeError(
+            f"{owner} needs floating-point parameters (float16, bfloat16, float32, float64), "
+            f"got {param.dtype} of shape {tuple(param.shape)}"
+        )
+
+
+def layout_of(config: Any, param: Tensor) -> Layout:
+    """``(block_shape, preconditioned)`` of ``param`` under a group's config."""
+    return block_layout(
+        param.shape,
+        max_precond_dim=config.max_precond_dim,
+        merge_dims=config.merge_dims,
+        precondition_1d=config.precondition_1d,
+    )
+
+
+def state_keys(layout: Layout) -> set[str]:
+    """The state keys of a parameter with this layout."""
+    rotated = [i for i, flag in enumerate(layout[1]) if flag]
+    return {"step", "exp_avg", "exp_avg_sq", *(f"factor_{i}" for i in rotated), *(f"basis_{i}" for i in rotated)}
+
+
+def state_shapes(param: Tensor, layout: Layout) -> dict[str, tuple[int, ...]]:
+    """The shape of every state tensor of ``param``."""
+    shapes = {"step": (), "exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
+    for i, (size, rotated) in enumerate(zip(*layout)):
+        if rotated:
+            shapes[f"factor_{i}"] = shapes[f"basis_{i}"] = (size, size)
+    return shapes
+
+
+def _stack(tensors: Sequence[Tensor], shape: Sequence[int]) -> Tensor:
+    """``(B, *shape)``: a view for one tensor, else a stacked copy."""
+    if len(tensors) == 1:
+        return tensors[0].view(1, *shape)
+    return torch.stack([t.view(shape) for t in tensors])
+
+
+@dataclass
+class BlockTensors:
+    """The stacked state of a batch: moments ``(B, *block)``, factors and bases ``(B, d, d)``."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    factors: list[Tensor | None]
+    bases: list[Tensor | None]
+
+
+@dataclass
+class BlockBatch:
+    """Same-shaped blocks of one param group that take the same step together."""
+
+    config: Any
+    params: list[Tensor]
+    states: list[dict[str, Any]]
+    layout: Layout
+    step: int  # the step count t of this update (after the increment); 0 for a first call
+
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        return self.layout[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return state_dtype(self.params[0])
+
+    def stack(self, tensors: Sequence[Tensor]) -> Tensor:
+        """Per-parameter tensors (e.g. gradients) as ``(B, *block)`` in the state dtype."""
+        stacked = _stack([t.to(self.dtype) for t in tensors], self.block_shape)
+        return stacked.contiguous()
+
+    def tensors(self) -> BlockTensors:
+        """The stacked state (views when the batch has one block)."""
+
+        def per_dim(prefix: str) -> list[Tensor | None]:
+            return [
+                _stack([s[f"{prefix}_{i}"] for s in self.states], (size, size)) if rotated else None
+                for i, (size, rotated) in enumerate(zip(*self.layout))
+            ]
+
+        return BlockTensors(
+            _stack([s["exp_avg"] for s in self.states], self.block_shape),
+            _stack([s["exp_avg_sq"] for s in self.states], self.block_shape),
+            per_dim("factor"),
+            per_dim("basis"),
+        )
+
+    def write_back(self, tensors: BlockTensors, bases: bool) -> None:
+        """Copy the stacked state back into each parameter's (nothing to do for one block);
+        the bases only when they changed (``bases``)."""
+        if len(self.params) == 1:
+            return
+        targets, sources = [], []
+        for key, stacked in (("exp_avg", tensors.exp_avg), ("exp_avg_sq", tensors.exp_avg_sq)):
+            targets += [s[key].view(self.block_shape) for s in self.states]
+            sources += list(stacked.unbind(0))
+        kinds = (("factor", tensors.factors), ("basis", tensors.bases)) if bases else (("factor", tensors.factors),)
+        for prefix, stacks in kinds:
+            for i, stacked in enumerate(stacks):
+                if stacked is not None:
+                    targets += [s[f"{prefix}_{i}"] for s in self.states]
+                    sources += list(stacked.unbind(0))
+        torch._foreach_copy_(targets, sources)
+
+    def advance_steps(self) -> None:
+        """``step += 1`` on every parameter's counter (one multi-tensor op)."""
+        torch._foreach_add_([s["step"] for s in self.states], 1.0)
+
+    def initialise(self, factor_statistics: Sequence[Tensor | None], informative: Sequence[bool]) -> int:
+        """First call: zero moments, factors from this call's statistics, first bases by ``eigh``.
+
+        A block whose gradient is all zero (``informative`` False, e.g. the zero step that
+        ``torch.distributed.checkpoint`` takes on a fresh optimizer) gets ``step = -1``, so that
+        its next call initialises again, as if this one never happened. Returns how many bases
+        could not be computed (they start as the identity).
+        """
+        factors = [
+            None if stat is None else torch.zeros_like(stat) for stat in factor_statistics
+        ]
+        ema_factors_(factors, factor_statistics, self.config.factor_beta)
+        failures = 0
+        bases: list[Tensor | None] = []
+        for factor in factors:
+            if factor is None:
+                bases.append(None)
+                continue
+            basis, failed = first_eigenbasis(factor)
+            bases.append(basis)
+            failures += failed
+        for b, (param, state) in enumerate(zip(self.params, self.states)):
+            state.clear()
+            state["step"] = torch.tensor(0.0 if informative[b] else -1.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=self.dtype, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.dtype, device=param.device)
+            for i, (factor, basis) in enumerate(zip(factors, bases)):
+                if factor is not None:
+                    # Row-major, as after load_state_dict: strides steer matmul kernels' rounding.
+                    state[f"factor_{i}"] = factor[b].contiguous().clone()
+                    state[f"basis_{i}"] = basis[b].contiguous().clone()
+        return failures
+
+
+def _batch_elements(layout: Layout) -> int:
+    block, rotated = layout
+    numel = 1
+    for size in block:
+        numel *= size
+    return 2 * numel + sum(2 * size * size for size, flag in zip(block, rotated) if flag)
+
+
+def plan_batches(items: Iterable[Any], key: Callable[[Any], Hashable], layout: Callable[[Any], Layout]) -> list[list[Any]]:
+    """Group ``items`` by ``key`` (order of first appearance, order kept inside a group), then
+    cut each group into batches of at most :data:`MAX_BATCH_ELEMENTS` state elements."""
+    groups: dict[Hashable, list[Any]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    batches = []
+    for members in groups.values():
+        per_block = max(1, MAX_BATCH_ELEMENTS // max(1, _batch_elements(layout(members[0]))))
+        batches += [members[i : i + per_block] for i in range(0, len(members), per_block)]
+    return batches
