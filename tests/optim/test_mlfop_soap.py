@@ -128,7 +128,10 @@ def test_renaming_reordering_streams_and_fold_order_change_only_rounding(count):
     gaps = [_relative(other, reference) for other in (reordered, renamed, backwards)]
     soap, _ = _train(lambda p: mlfop.SOAP(p), count=count, steps=24)
     print(f"K={len(names)}: reordered/renamed/reversed folds {gaps}, vs SOAP {_relative(reference, soap):.3g}")
-    assert max(gaps) < 1e-4
+    # Sums over streams never follow their names or order: K = 2 adds two terms (symmetric), K = 3
+    # sums in an order set by the streams' sizes (measured: 0 and 1.3e-6; 3.5e-4 when the
+    # statistics were summed in name order).
+    assert max(gaps[:2]) < (1e-6 if len(names) == 2 else 1e-5) and gaps[2] < 1e-5
     assert _relative(reference, soap) > 1e-2  # the symmetry above is not the trivial one
 
 

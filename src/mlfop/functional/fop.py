@@ -178,10 +178,12 @@ def symmetric_eigh(matrices: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _zero_sum_basis(k: int, device: torch.device) -> Tensor:
-    """``(K, K-1)``: an orthonormal basis of the vectors whose components sum to zero."""
-    ones = torch.ones(k, 1, dtype=torch.float64, device=device)
-    q, _ = torch.linalg.qr(torch.cat([ones, torch.eye(k, dtype=torch.float64, device=device)[:, : k - 1]], dim=1))
-    return q[:, 1:]
+    """``(K, K-1)``: an orthonormal basis of the vectors whose components sum to zero (Helmert's:
+    column j has j ones, then -j, divided by sqrt(j (j + 1)))."""
+    rows = torch.arange(k, device=device).view(-1, 1)
+    cols = torch.arange(1, k, device=device, dtype=torch.float64).view(1, -1)
+    entries = torch.where(rows < cols, 1.0, torch.where(rows == cols, -cols, 0.0))
+    return entries / (cols * (cols + 1.0)).sqrt()
 
 
 def solve_beta(

@@ -171,6 +171,7 @@ class MLFOPSOAP(SOAP):
 """
 
     config_class = FOPConfig
+    state_kind = "MLFOPSOAP"
     _pickled_attributes = SOAP._pickled_attributes + (
         "options", "head_layouts", "process_group", "_norm_ema", "_norm_started", "_record", "_folds",
     )
@@ -332,6 +333,11 @@ class MLFOPSOAP(SOAP):
             super()._step_gradients(work)
         else:
             self._combined_step(work, finished)
+        self._folds.reset()
+
+    def _refuse(self, configs: list[FOPConfig], where: str) -> None:
+        """As :class:`SOAP`; a skipped step also ends the accumulation (its folds are dropped)."""
+        super()._refuse(configs, where)
         self._folds.reset()
 
     def _reducer(self, work: list[tuple[FOPConfig, Tensor, Tensor]]) -> FoldReducer | None:

@@ -118,6 +118,9 @@ class SOAP(torch.optim.Optimizer):
     __doc__ = (__doc__ or "") + SOAP_ARGS_DOC + _FP32_STATE_KEYS_NOTE
 
     config_class: type[SOAPConfig] = SOAPConfig
+    # What the checkpoint says it is; SOAP and ML-FOP-SOAP keep the same per-parameter state.
+    state_kind = "SOAP"
+    loadable_kinds = ("SOAP", "MLFOPSOAP")
 
     def __init__(
         self,
@@ -185,7 +188,7 @@ class SOAP(torch.optim.Optimizer):
     # --------------------------------------------------------------------- state dict
     def _global_state(self) -> dict[str, Any]:
         """Optimizer-wide values saved beside the per-parameter state (plain numbers)."""
-        return {"kind": type(self).__name__, "skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
+        return {"kind": self.state_kind, "skipped_steps": self.skipped_steps, "basis_failures": self.basis_failures}
 
     def _load_global_state(self, global_state: dict[str, Any]) -> None:
         self.skipped_steps = int(global_state.get("skipped_steps", 0))
@@ -247,6 +250,12 @@ class SOAP(torch.optim.Optimizer):
                 f"{[len(g['params']) for g in saved_groups]} parameters, this optimizer "
                 f"{[len(g['params']) for g in self.param_groups]}; build the optimizer over the same "
                 f"parameters, in the same groups, as the one that was saved"
+            )
+        kinds = {g.get(_GLOBAL_KEY, {}).get("kind") for g in saved_groups} - {None}
+        if kinds - set(self.loadable_kinds):
+            raise ValueError(
+                f"{owner}.load_state_dict: the checkpoint is of {sorted(kinds)}, which keeps another state; "
+                f"this optimizer loads checkpoints of {list(self.loadable_kinds)}"
             )
         groups = []
         for saved, group in zip(saved_groups, self.param_groups):

@@ -1,4 +1,6 @@
-"""Robustness and torch.optim-compatibility tests of ``mlfop.SOAP``.
+"""The optimizer contract, run over every entry of ``contract.OPTIMIZERS``: robustness and
+torch.optim compatibility of ``mlfop.SOAP`` and ``mlfop.MLFOPSOAP`` (without folds, and with two
+folded streams at every step).
 
 Covers argument validation, param groups, closures, ``maximize``, LR schedulers, state dicts and
 bitwise resume (also for bf16/fp16 parameters), the zero-gradient step of
@@ -16,9 +18,17 @@ import pytest
 import torch
 from torch import nn
 
-from mlfop import SOAP
+import contract
+from contract import OPTIMIZERS
+
+import mlfop
 
 # ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(params=OPTIMIZERS, ids=lambda info: info.name)
+def info(request):
+    return request.param
 
 # Key of the optimizer-wide values (skipped_steps, basis_failures) in every saved param group.
 _GLOBAL_KEY = "global_state"
@@ -175,22 +185,22 @@ _BAD_HYPERPARAMETERS = [
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), _BAD_HYPERPARAMETERS)
-def test_bad_hyperparameter_raises_at_construction(kwargs, error, match):
+def test_bad_hyperparameter_raises_at_construction(info, kwargs, error, match):
     with pytest.raises(error, match=match):
-        SOAP([nn.Parameter(torch.randn(3, 3))], **kwargs)
+        info.make([nn.Parameter(torch.randn(3, 3))], **kwargs)
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), _BAD_HYPERPARAMETERS)
-def test_bad_hyperparameter_in_group_dict_raises(kwargs, error, match):
+def test_bad_hyperparameter_in_group_dict_raises(info, kwargs, error, match):
     good = {"params": [nn.Parameter(torch.randn(3, 3))]}
     with pytest.raises(error, match=match):
-        SOAP([good, {"params": [nn.Parameter(torch.randn(2))], **kwargs}])
+        info.make([good, {"params": [nn.Parameter(torch.randn(2))], **kwargs}])
 
 
 @pytest.mark.parametrize(("kwargs", "error", "match"), _BAD_HYPERPARAMETERS)
-def test_bad_hyperparameter_in_add_param_group_keeps_previous_groups(kwargs, error, match):
+def test_bad_hyperparameter_in_add_param_group_keeps_previous_groups(info, kwargs, error, match):
     first, second = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(4, 2))
-    opt = SOAP([first], lr=1e-2)
+    opt = info.make([first], lr=1e-2)
     groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
     with pytest.raises(error, match=match):
         opt.add_param_group({"params": [second], **kwargs})
@@ -223,21 +233,21 @@ _BAD_PARAMS = [
 
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize(("make", "error", "match"), _BAD_PARAMS)
-def test_bad_parameter_raises_at_construction_and_in_add_param_group(make, error, match):
+def test_bad_parameter_raises_at_construction_and_in_add_param_group(info, make, error, match):
     with pytest.raises(error, match=match):
-        SOAP([make()])
+        info.make([make()])
     with pytest.raises(error, match=match):
-        SOAP([nn.Parameter(torch.randn(2, 2)), make()])
+        info.make([nn.Parameter(torch.randn(2, 2)), make()])
     good = nn.Parameter(torch.randn(2, 2))
-    opt = SOAP([good])
+    opt = info.make([good])
     with pytest.raises(error, match=match):
         opt.add_param_group({"params": [make()]})
     assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [good]
 
 
-def test_sparse_gradient_raises_at_step_without_any_change():
+def test_sparse_gradient_raises_at_step_without_any_change(info):
     params = _raw_params()
-    opt = SOAP(params, max_precond_dim=12)
+    opt = info.make(params, max_precond_dim=12)
     _run(params, opt, 2)
     _set_grads(params, 2)
     before = _snapshot(params, opt)
@@ -252,27 +262,27 @@ def test_sparse_gradient_raises_at_step_without_any_change():
     "params",
     [pytest.param([], id="list"), pytest.param(lambda: (p for p in ()), id="generator")],
 )
-def test_empty_parameter_list_raises(params):
+def test_empty_parameter_list_raises(info, params):
     params = params() if callable(params) else params
     with pytest.raises(ValueError, match=r"SOAP got an empty parameter list"):
-        SOAP(params)
+        info.make(params)
 
 
-def test_single_tensor_instead_of_list_raises():
+def test_single_tensor_instead_of_list_raises(info):
     with pytest.raises(TypeError, match=r"SOAP expects an iterable of parameters.*single Tensor"):
-        SOAP(nn.Parameter(torch.randn(3, 3)))
+        info.make(nn.Parameter(torch.randn(3, 3)))
 
 
-def test_good_edge_values_are_accepted():
+def test_good_edge_values_are_accepted(info):
     p = [nn.Parameter(torch.randn(3, 3))]
-    SOAP(p, lr=0.0, betas=(0.0, 0.0), shampoo_beta=0.0, weight_decay=0.0, precondition_frequency=1, max_precond_dim=0)
-    SOAP(p, lr=torch.tensor(1e-3), betas=[0.5, 0.999], nonfinite="raise")
+    info.make(p, lr=0.0, betas=(0.0, 0.0), shampoo_beta=0.0, weight_decay=0.0, precondition_frequency=1, max_precond_dim=0)
+    info.make(p, lr=torch.tensor(1e-3), betas=[0.5, 0.999], nonfinite="raise")
 
 
 # --------------------------------------------------------- 2. groups, closures, schedulers
 
 
-def test_param_groups_equal_separate_optimizers():
+def test_param_groups_equal_separate_optimizers(info):
     """Per-group hyper-parameters are honoured: one optimizer with two groups equals two optimizers."""
     group_a = dict(lr=2e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.1, precondition_frequency=2)
     group_b = dict(
@@ -280,12 +290,13 @@ def test_param_groups_equal_separate_optimizers():
         precondition_1d=True, normalize_grads=True, correct_bias=False,
     )
     joint_params, sep_params, same_params = _raw_params(), _raw_params(), _raw_params()
-    joint = SOAP(
-        [{"params": joint_params[:2], **group_a}, {"params": joint_params[2:], **group_b}], max_precond_dim=12
+    joint = info.make(
+        [{"params": joint_params[:2], **group_a}, {"params": joint_params[2:], **group_b}], max_precond_dim=12,
+        **info.per_group,
     )
-    sep_a = SOAP(sep_params[:2], max_precond_dim=12, **group_a)
-    sep_b = SOAP(sep_params[2:], max_precond_dim=12, **group_b)
-    same = SOAP(same_params, max_precond_dim=12, **group_a)
+    sep_a = info.make(sep_params[:2], max_precond_dim=12, **group_a, **info.per_group)
+    sep_b = info.make(sep_params[2:], max_precond_dim=12, **group_b, **info.per_group)
+    same = info.make(same_params, max_precond_dim=12, **group_a, **info.per_group)
     for i in range(10):
         for params in (joint_params, sep_params, same_params):
             _set_grads(params, i)
@@ -300,10 +311,10 @@ def test_param_groups_equal_separate_optimizers():
     assert not torch.equal(joint_params[2], same_params[2])
 
 
-def test_group_with_lr_zero_is_frozen_while_other_group_moves():
+def test_group_with_lr_zero_is_frozen_while_other_group_moves(info):
     params = _raw_params()
     frozen, moving = params[:2], params[2:]
-    opt = SOAP([{"params": frozen, "lr": 0.0}, {"params": moving}], lr=1e-2, weight_decay=0.1, max_precond_dim=12)
+    opt = info.make([{"params": frozen, "lr": 0.0}, {"params": moving}], lr=1e-2, weight_decay=0.1, max_precond_dim=12)
     before = [p.detach().clone() for p in params]
     _run(params, opt, 6)
     for p, b in zip(frozen, before[:2]):
@@ -313,12 +324,12 @@ def test_group_with_lr_zero_is_frozen_while_other_group_moves():
         assert not torch.equal(p, b)
 
 
-def test_add_param_group_mid_training():
+def test_add_param_group_mid_training(info):
     base_params, new_param = _raw_params()[:3], nn.Parameter(torch.randn(4, 3))
     ref_base, ref_new = _raw_params()[:3], nn.Parameter(new_param.detach().clone())
-    opt = SOAP(base_params, lr=1e-2, max_precond_dim=12)
-    ref_opt_base = SOAP(ref_base, lr=1e-2, max_precond_dim=12)
-    ref_opt_new = SOAP([ref_new], lr=3e-2, weight_decay=0.0, max_precond_dim=12)
+    opt = info.make(base_params, lr=1e-2, max_precond_dim=12)
+    ref_opt_base = info.make(ref_base, lr=1e-2, max_precond_dim=12)
+    ref_opt_new = info.make([ref_new], lr=3e-2, weight_decay=0.0, max_precond_dim=12)
     gen = torch.Generator().manual_seed(5)
     for i in range(9):
         if i == 3:
@@ -337,9 +348,9 @@ def test_add_param_group_mid_training():
                  tuple(a + b for a, b in zip(_snapshot(ref_base, ref_opt_base), _snapshot([ref_new], ref_opt_new))))
 
 
-def test_zero_grad():
+def test_zero_grad(info):
     params = _raw_params()
-    opt = SOAP(params)
+    opt = info.make(params)
     _set_grads(params, 0)
     opt.zero_grad()
     assert all(p.grad is None for p in params)
@@ -348,10 +359,10 @@ def test_zero_grad():
     assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in params)
 
 
-def test_named_parameters():
+def test_named_parameters(info):
     named_net, plain_net = _make_net(0), _make_net(0)
-    named = SOAP(named_net.named_parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
-    plain = SOAP(plain_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
+    named = info.make(named_net.named_parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
+    plain = info.make(plain_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
     _train(named_net, named, 7)
     _train(plain_net, plain, 7)
     _assert_same(_snapshot(named_net, named), _snapshot(plain_net, plain))
@@ -359,17 +370,17 @@ def test_named_parameters():
     assert saved["param_groups"][0]["param_names"] == [n for n, _ in named_net.named_parameters()]
     resumed_net = _make_net(1)
     resumed_net.load_state_dict(named_net.state_dict())
-    resumed = SOAP(resumed_net.named_parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
+    resumed = info.make(resumed_net.named_parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=4)
     resumed.load_state_dict(saved)
     _train(named_net, named, 5, start=7)
     _train(resumed_net, resumed, 5, start=7)
     _assert_same(_snapshot(named_net, named), _snapshot(resumed_net, resumed))
 
 
-def test_closure_returns_loss_and_equals_manual_backward():
+def test_closure_returns_loss_and_equals_manual_backward(info):
     closure_net, manual_net = _make_net(0), _make_net(0)
-    closure_opt = SOAP(closure_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
-    manual_opt = SOAP(manual_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
+    closure_opt = info.make(closure_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
+    manual_opt = info.make(manual_net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
     for i in range(8):
         calls, losses = [], []
 
@@ -392,12 +403,12 @@ def test_closure_returns_loss_and_equals_manual_backward():
     _assert_same(_snapshot(closure_net, closure_opt), _snapshot(manual_net, manual_opt))
 
 
-def test_maximize_equals_minimising_negated_loss():
+def test_maximize_equals_minimising_negated_loss(info):
     max_net, min_net, plain_net = _make_net(0), _make_net(0), _make_net(0)
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=3)
-    max_opt = SOAP(max_net.parameters(), maximize=True, **kw)
-    min_opt = SOAP(min_net.parameters(), **kw)
-    plain_opt = SOAP(plain_net.parameters(), **kw)
+    max_opt = info.make(max_net.parameters(), maximize=True, **kw)
+    min_opt = info.make(min_net.parameters(), **kw)
+    plain_opt = info.make(plain_net.parameters(), **kw)
     for i in range(8):
         for opt in (max_opt, min_opt, plain_opt):
             opt.zero_grad()
@@ -411,10 +422,10 @@ def test_maximize_equals_minimising_negated_loss():
     assert _loss(max_net, 100) > _loss(plain_net, 100)
 
 
-def test_lr_scheduler_is_honoured():
+def test_lr_scheduler_is_honoured(info):
     sched_params, manual_params, const_params = _raw_params(), _raw_params(), _raw_params()
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=3)
-    sched_opt, manual_opt, const_opt = SOAP(sched_params, **kw), SOAP(manual_params, **kw), SOAP(const_params, **kw)
+    sched_opt, manual_opt, const_opt = info.make(sched_params, **kw), info.make(manual_params, **kw), info.make(const_params, **kw)
     scheduler = torch.optim.lr_scheduler.StepLR(sched_opt, step_size=2, gamma=0.1)
     for i in range(8):
         manual_opt.param_groups[0]["lr"] = 1e-2 * 0.1 ** (i // 2)
@@ -427,11 +438,11 @@ def test_lr_scheduler_is_honoured():
     assert not torch.equal(sched_params[0], const_params[0])
 
 
-def test_tensor_lr_equals_float_lr():
+def test_tensor_lr_equals_float_lr(info):
     tensor_params, float_params = _raw_params(), _raw_params()
     lr = torch.tensor(1e-2)  # float32: the float run must use the same (rounded) value
-    tensor_opt = SOAP(tensor_params, lr=lr, max_precond_dim=12, precondition_frequency=3)
-    float_opt = SOAP(float_params, lr=lr.item(), max_precond_dim=12, precondition_frequency=3)
+    tensor_opt = info.make(tensor_params, lr=lr, max_precond_dim=12, precondition_frequency=3)
+    float_opt = info.make(float_params, lr=lr.item(), max_precond_dim=12, precondition_frequency=3)
     _run(tensor_params, tensor_opt, 6)
     _run(float_params, float_opt, 6)
     _assert_same(_snapshot(tensor_params, tensor_opt), _snapshot(float_params, float_opt))
@@ -448,14 +459,15 @@ _RESUME_CONFIGS = {
 }
 
 
-def test_state_dict_survives_weights_only_load():
+def test_state_dict_survives_weights_only_load(info):
     net = _make_net(0)
-    opt = SOAP(net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
+    opt = info.make(net.parameters(), lr=1e-2, max_precond_dim=12, precondition_frequency=3)
     _train(net, opt, 5)
     state_dict = opt.state_dict()
     loaded = _saved_and_loaded(state_dict)
     assert loaded.keys() == {"state", "param_groups"}
-    assert _global(loaded) == {"kind": "SOAP", "skipped_steps": 0, "basis_failures": 0}
+    assert _global(loaded)["kind"] == ("MLFOPSOAP" if issubclass(info.cls, mlfop.MLFOPSOAP) else "SOAP")
+    assert {k: _global(loaded)[k] for k in ("skipped_steps", "basis_failures")} == {"skipped_steps": 0, "basis_failures": 0}
     assert loaded["param_groups"] == state_dict["param_groups"]
     assert loaded["state"].keys() == state_dict["state"].keys() == set(range(len(list(net.parameters()))))
     for pid, entry in state_dict["state"].items():
@@ -473,18 +485,18 @@ def test_state_dict_survives_weights_only_load():
 
 @pytest.mark.parametrize("config", list(_RESUME_CONFIGS))
 @pytest.mark.parametrize("k", [0, 1, 5, 10, 11])
-def test_resume_is_bitwise_identical(k, config, tmp_path):
+def test_resume_is_bitwise_identical(info, k, config, tmp_path):
     """Save after k calls, rebuild model and optimizer, load, continue: same as never stopping.
 
     With f=10: k=5 is between refreshes, after k=10 the next call refreshes, k=11 is right after.
     """
     kwargs, total = _RESUME_CONFIGS[config], 27
     straight_net = _make_net(0)
-    straight = SOAP(straight_net.parameters(), **kwargs)
+    straight = info.make(straight_net.parameters(), **kwargs)
     _train(straight_net, straight, total)
 
     first_net = _make_net(0)
-    first = SOAP(first_net.parameters(), **kwargs)
+    first = info.make(first_net.parameters(), **kwargs)
     _train(first_net, first, k)
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": first_net.state_dict(), "optimizer": first.state_dict()}, path)
@@ -492,7 +504,7 @@ def test_resume_is_bitwise_identical(k, config, tmp_path):
 
     checkpoint = torch.load(path, weights_only=True)
     resumed_net = _make_net(seed=123)
-    resumed = SOAP(resumed_net.parameters(), **kwargs)
+    resumed = info.make(resumed_net.parameters(), **kwargs)
     resumed_net.load_state_dict(checkpoint["model"])
     resumed.load_state_dict(checkpoint["optimizer"])
     if k:
@@ -503,9 +515,9 @@ def test_resume_is_bitwise_identical(k, config, tmp_path):
     _assert_same(_snapshot(straight_net, straight), _snapshot(resumed_net, resumed))
 
 
-def test_counters_are_saved_and_restored():
+def test_counters_are_saved_and_restored(info):
     params = _raw_params()
-    opt = SOAP(params, max_precond_dim=12)
+    opt = info.make(params, max_precond_dim=12)
     _run(params, opt, 2)
     _set_grads(params, 99)
     params[0].grad[0, 0] = float("nan")
@@ -513,8 +525,8 @@ def test_counters_are_saved_and_restored():
         opt.step()
     opt.basis_failures = 3  # as if three refreshes had failed
     saved = _saved_and_loaded(opt.state_dict())
-    assert _global(saved) == {"kind": "SOAP", "skipped_steps": 1, "basis_failures": 3}
-    fresh = SOAP(_raw_params(), max_precond_dim=12)
+    assert {k: _global(saved)[k] for k in ("skipped_steps", "basis_failures")} == {"skipped_steps": 1, "basis_failures": 3}
+    fresh = info.make(_raw_params(), max_precond_dim=12)
     fresh.load_state_dict(saved)
     assert (fresh.skipped_steps, fresh.basis_failures) == (1, 3)
     assert all(_GLOBAL_KEY not in group for group in fresh.param_groups)
@@ -526,14 +538,14 @@ def test_counters_are_saved_and_restored():
     assert (fresh.skipped_steps, fresh.basis_failures) == (2, 5)
 
 
-def test_load_state_dict_rejects_bad_group_values_without_changing_anything():
+def test_load_state_dict_rejects_bad_group_values_without_changing_anything(info):
     params = _raw_params()
-    opt = SOAP(params, lr=1e-2, max_precond_dim=12)
+    opt = info.make(params, lr=1e-2, max_precond_dim=12)
     _run(params, opt, 3)
     saved = _saved_and_loaded(opt.state_dict())
     saved["param_groups"][0]["betas"] = (0.9, 1.5)
     target_params = _raw_params(seed=1)
-    target = SOAP(target_params, lr=1e-2, max_precond_dim=12)
+    target = info.make(target_params, lr=1e-2, max_precond_dim=12)
     _run(target_params, target, 2)
     before = _snapshot(target_params, target)
     with pytest.raises(ValueError, match=r"^betas\[1\] must be in"):
@@ -549,10 +561,10 @@ def test_load_state_dict_rejects_bad_group_values_without_changing_anything():
     ("dtype", "state_dtype"),
     [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)],
 )
-def test_low_precision_state_stays_wide_through_resume(dtype, state_dtype):
+def test_low_precision_state_stays_wide_through_resume(info, dtype, state_dtype):
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=4, precondition_1d=True)
     straight_params, first_params = _raw_params(dtype), _raw_params(dtype)
-    straight, first = SOAP(straight_params, **kw), SOAP(first_params, **kw)
+    straight, first = info.make(straight_params, **kw), info.make(first_params, **kw)
     _run(straight_params, straight, 16)
     _run(first_params, first, 9)
     for p in first_params:
@@ -564,7 +576,7 @@ def test_low_precision_state_stays_wide_through_resume(dtype, state_dtype):
                 assert value.dtype == state_dtype, f"{key} is {value.dtype}"
     saved = _saved_and_loaded(first.state_dict())
     resumed_params = [nn.Parameter(p.detach().clone()) for p in first_params]
-    resumed = SOAP(resumed_params, **kw)
+    resumed = info.make(resumed_params, **kw)
     resumed.load_state_dict(saved)
     _assert_same(_snapshot(first_params, first), _snapshot(resumed_params, resumed))
     _run(resumed_params, resumed, 7, start=9)
@@ -577,9 +589,9 @@ def test_low_precision_state_stays_wide_through_resume(dtype, state_dtype):
 # ---------------------------------------------------------------- 5. zero-gradient steps
 
 
-def test_zero_gradient_step_with_lr_zero_changes_nothing():
+def test_zero_gradient_step_with_lr_zero_changes_nothing(info):
     params = _raw_params()
-    opt = SOAP(params, lr=1e-2, weight_decay=0.1, max_precond_dim=12, precondition_1d=True, precondition_frequency=2)
+    opt = info.make(params, lr=1e-2, weight_decay=0.1, max_precond_dim=12, precondition_1d=True, precondition_frequency=2)
     before = [p.detach().clone() for p in params]
     for call in range(3):  # all-zero first gradients leave the parameters awaiting their first call
         for p in params:
@@ -601,10 +613,10 @@ def test_zero_gradient_step_with_lr_zero_changes_nothing():
     _assert_all_finite(params, opt)
 
 
-def test_zero_gradients_on_first_calls_with_positive_lr_give_no_nan():
+def test_zero_gradients_on_first_calls_with_positive_lr_give_no_nan(info):
     params = _raw_params()
     lr, wd = 1e-2, 0.1
-    opt = SOAP(params, lr=lr, weight_decay=wd, max_precond_dim=12, precondition_1d=True, precondition_frequency=2)
+    opt = info.make(params, lr=lr, weight_decay=wd, max_precond_dim=12, precondition_1d=True, precondition_frequency=2)
     before = [p.detach().clone() for p in params]
     for _ in range(3):  # an all-zero gradient carries nothing to initialise from: no step, no decay
         for p in params:
@@ -627,12 +639,12 @@ def test_zero_gradients_on_first_calls_with_positive_lr_give_no_nan():
 
 
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_dcp_get_optimizer_state_dict_on_fresh_optimizer(tensor_lr):
+def test_dcp_get_optimizer_state_dict_on_fresh_optimizer(info, tensor_lr):
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     net = _make_net(0)
     lr = torch.tensor(1e-2) if tensor_lr else 1e-2
-    opt = SOAP(net.parameters(), lr=lr, weight_decay=0.1, max_precond_dim=12)
+    opt = info.make(net.parameters(), lr=lr, weight_decay=0.1, max_precond_dim=12)
     before = [p.detach().clone() for p in net.parameters()]
     state_dict = get_optimizer_state_dict(net, opt)  # runs a zero-gradient step at lr=0
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
@@ -650,12 +662,12 @@ def test_dcp_get_optimizer_state_dict_on_fresh_optimizer(tensor_lr):
     _assert_all_finite(net, opt)
     # The zero step did not use up SOAP's first call: training continues as without it.
     untouched = _make_net(0)
-    reference = SOAP(untouched.parameters(), lr=lr, weight_decay=0.1, max_precond_dim=12)
+    reference = info.make(untouched.parameters(), lr=lr, weight_decay=0.1, max_precond_dim=12)
     _train(untouched, reference, 12)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), untouched.parameters()))
 
 
-def test_dcp_set_optimizer_state_dict_round_trip_is_bitwise():
+def test_dcp_set_optimizer_state_dict_round_trip_is_bitwise(info):
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_optimizer_state_dict,
@@ -665,14 +677,14 @@ def test_dcp_set_optimizer_state_dict_round_trip_is_bitwise():
 
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=5, precondition_1d=True)
     first_net = _make_net(0)
-    first = SOAP(first_net.parameters(), **kw)
+    first = info.make(first_net.parameters(), **kw)
     _train(first_net, first, 7)
     model_sd = copy.deepcopy(get_model_state_dict(first_net))
     optim_sd = copy.deepcopy(get_optimizer_state_dict(first_net, first))
     assert "lin.weight" in optim_sd["state"]  # fully qualified names, not integer ids
 
     resumed_net = _make_net(seed=7)
-    resumed = SOAP(resumed_net.parameters(), **kw)
+    resumed = info.make(resumed_net.parameters(), **kw)
     set_model_state_dict(resumed_net, model_sd)
     set_optimizer_state_dict(resumed_net, resumed, optim_sd)
     _assert_same(_snapshot(first_net, first), _snapshot(resumed_net, resumed))
@@ -694,10 +706,10 @@ def _poison_grads(params, i: int) -> None:
 
 
 @pytest.mark.parametrize("bad_call", [1, 3, 4], ids=["first-call", "between-refreshes", "refresh-call"])
-def test_nonfinite_gradient_is_skipped_without_any_change(bad_call):
+def test_nonfinite_gradient_is_skipped_without_any_change(info, bad_call):
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=_F, precondition_1d=True)
     ref_params, params = _raw_params(), _raw_params()
-    ref, opt = SOAP(ref_params, **kw), SOAP(params, **kw)
+    ref, opt = info.make(ref_params, **kw), info.make(params, **kw)
     _run(ref_params, ref, 7)
 
     _run(params, opt, bad_call - 1)
@@ -724,10 +736,10 @@ def test_nonfinite_gradient_is_skipped_without_any_change(bad_call):
 
 
 @pytest.mark.parametrize("bad_call", [1, 3, 4], ids=["first-call", "between-refreshes", "refresh-call"])
-def test_nonfinite_gradient_raises_without_any_change(bad_call):
+def test_nonfinite_gradient_raises_without_any_change(info, bad_call):
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=_F, nonfinite="raise")
     ref_params, params = _raw_params(), _raw_params()
-    ref, opt = SOAP(ref_params, **kw), SOAP(params, **kw)
+    ref, opt = info.make(ref_params, **kw), info.make(params, **kw)
     _run(ref_params, ref, 7)
     _run(params, opt, bad_call - 1)
     before = _snapshot(params, opt)
@@ -744,9 +756,9 @@ def test_nonfinite_gradient_raises_without_any_change(bad_call):
     _assert_same(_snapshot(ref_params, ref), _snapshot(params, opt))
 
 
-def test_nonfinite_with_closure_and_maximize_still_returns_loss():
+def test_nonfinite_with_closure_and_maximize_still_returns_loss(info):
     params = _raw_params()
-    opt = SOAP(params, maximize=True, max_precond_dim=12)
+    opt = info.make(params, maximize=True, max_precond_dim=12)
     _run(params, opt, 2)
     before = _snapshot(params, opt)
 
@@ -759,10 +771,10 @@ def test_nonfinite_with_closure_and_maximize_still_returns_loss():
     _assert_same(before, _snapshot(params, opt))
 
 
-def test_grad_scaler_skips_inf_step_and_resumes():
+def test_grad_scaler_skips_inf_step_and_resumes(info):
     ref_net, net = _make_net(0), _make_net(0)
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=3)
-    ref, opt = SOAP(ref_net.parameters(), **kw), SOAP(net.parameters(), **kw)
+    ref, opt = info.make(ref_net.parameters(), **kw), info.make(net.parameters(), **kw)
     _train(ref_net, ref, 7)
     scaler = torch.amp.GradScaler("cpu")
     assert scaler.is_enabled()
@@ -823,10 +835,10 @@ def _assert_same_columns_up_to_sign(a, b, atol=1e-4):
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_eigh_float32_failure_uses_float64(monkeypatch, mode):
+def test_eigh_float32_failure_uses_float64(info, monkeypatch, mode):
     original = torch.linalg.eigh
     normal_params, params = _raw_params(), _raw_params()
-    normal, opt = SOAP(normal_params, max_precond_dim=12), SOAP(params, max_precond_dim=12)
+    normal, opt = info.make(normal_params, max_precond_dim=12), info.make(params, max_precond_dim=12)
     _run(normal_params, normal, 1)
     calls = []
     monkeypatch.setattr(torch.linalg, "eigh", _failing(original, fail_dtypes={torch.float32}, mode=mode, calls=calls))
@@ -849,11 +861,11 @@ def test_eigh_float32_failure_uses_float64(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_qr_float32_failure_uses_float64(monkeypatch, mode):
+def test_qr_float32_failure_uses_float64(info, monkeypatch, mode):
     original = torch.linalg.qr
     kw = dict(max_precond_dim=12, precondition_frequency=_F)
     normal_params, params = _raw_params(), _raw_params()
-    normal, opt = SOAP(normal_params, **kw), SOAP(params, **kw)
+    normal, opt = info.make(normal_params, **kw), info.make(params, **kw)
     _run(normal_params, normal, _F + 1)
     _run(params, opt, _F)
     old = {(n, d): opt.state[params[n]][f"basis_{d}"].clone() for n, d in _rotated(opt, params)}
@@ -877,10 +889,10 @@ def test_qr_float32_failure_uses_float64(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_eigh_failing_in_every_dtype_keeps_identity(monkeypatch, mode):
+def test_eigh_failing_in_every_dtype_keeps_identity(info, monkeypatch, mode):
     original = torch.linalg.eigh
     params = _raw_params()
-    opt = SOAP(params, max_precond_dim=12, precondition_frequency=_F)
+    opt = info.make(params, max_precond_dim=12, precondition_frequency=_F)
     monkeypatch.setattr(
         torch.linalg, "eigh",
         _failing(original, fail_dtypes={torch.float32, torch.float64}, mode=mode, calls=[]),
@@ -901,12 +913,12 @@ def test_eigh_failing_in_every_dtype_keeps_identity(monkeypatch, mode):
 
 
 @pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_qr_failing_in_every_dtype_keeps_previous_basis(monkeypatch, mode):
+def test_qr_failing_in_every_dtype_keeps_previous_basis(info, monkeypatch, mode):
     original = torch.linalg.qr
     no_refresh_params, params = _raw_params(), _raw_params()
     # The reference never refreshes; up to the refresh step both runs take identical updates.
-    no_refresh = SOAP(no_refresh_params, max_precond_dim=12, precondition_frequency=1000)
-    opt = SOAP(params, max_precond_dim=12, precondition_frequency=_F)
+    no_refresh = info.make(no_refresh_params, max_precond_dim=12, precondition_frequency=1000)
+    opt = info.make(params, max_precond_dim=12, precondition_frequency=_F)
     _run(no_refresh_params, no_refresh, _F + 1)
     _run(params, opt, _F)
     before = _snapshot(params, opt)
@@ -937,13 +949,13 @@ def test_qr_failing_in_every_dtype_keeps_previous_basis(monkeypatch, mode):
     assert not torch.equal(opt.state[params[0]]["basis_0"], before[1][0]["basis_0"])
 
 
-def test_qr_failing_for_one_dimension_refreshes_only_the_other():
+def test_qr_failing_for_one_dimension_refreshes_only_the_other(info):
     """(6, 5) parameter: the 6x6 refresh fails, the 5x5 one succeeds; V is permuted along dim 1 only."""
     original = torch.linalg.qr
     params = [nn.Parameter(torch.randn(6, 5, generator=torch.Generator().manual_seed(3)))]
     ref_params = [nn.Parameter(params[0].detach().clone())]
-    opt = SOAP(params, max_precond_dim=12, precondition_frequency=_F)
-    no_refresh = SOAP(ref_params, max_precond_dim=12, precondition_frequency=1000)
+    opt = info.make(params, max_precond_dim=12, precondition_frequency=_F)
+    no_refresh = info.make(ref_params, max_precond_dim=12, precondition_frequency=1000)
     _run(params, opt, _F)
     _run(ref_params, no_refresh, _F + 1)
     old = _snapshot(params, opt)[1][0]
@@ -964,22 +976,116 @@ def test_qr_failing_for_one_dimension_refreshes_only_the_other():
 # ------------------------------------------------------------------------ 8. determinism
 
 
-def test_same_seed_gives_bitwise_identical_runs():
+def test_same_seed_gives_bitwise_identical_runs(info):
     kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=5, precondition_1d=True)
     runs = []
     for seed in (0, 0, 1):
         net = _make_net(seed)
-        opt = SOAP(net.parameters(), **kw)
+        opt = info.make(net.parameters(), **kw)
         _train(net, opt, 25)
         runs.append(_snapshot(net, opt))
     _assert_same(runs[0], runs[1])
     assert not torch.equal(runs[0][0][0], runs[2][0][0])
 
 
-def test_skip_warning_points_at_the_callers_line():
+def test_skip_warning_points_at_the_callers_line(info):
     param = torch.nn.Parameter(torch.ones(3, 3))
-    opt = SOAP([param])
+    opt = info.make([param])
     param.grad = torch.full((3, 3), float("nan"))
     with pytest.warns(RuntimeWarning, match="skipped a step") as record:
         opt.step()
-    assert record[0].filename == __file__
+    assert record[0].filename == (contract.__file__ if info.folds else __file__)  # the caller of step()
+
+
+# ------------------------------------------------------------------ 8. bad input, Core v2
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+@pytest.mark.parametrize("magnitude", [1e20, 3e38])
+def test_a_finite_gradient_whose_squares_overflow_is_refused_without_any_change(info, policy, magnitude):
+    params = _raw_params()
+    opt = info.make(params, max_precond_dim=12, nonfinite=policy)
+    _run(params, opt, 3)
+    _set_grads(params, 3)
+    params[0].grad[0, 0] = magnitude  # finite, but its square is not (float32 max ~3.4e38)
+    before = _snapshot(params, opt)
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="squares overflow"):
+            opt.step()
+    else:
+        with pytest.warns(RuntimeWarning, match="squares overflow"):
+            opt.step()
+    _assert_same(before, _snapshot(params, opt))
+    _run(params, opt, 3, start=4)
+    _assert_all_finite(params, opt)
+
+
+def test_a_large_but_safe_gradient_is_stepped_without_nan(info):
+    params = _raw_params()
+    opt = info.make(params, max_precond_dim=12)
+    _run(params, opt, 2)
+    _set_grads(params, 2, scale=1e12)  # r^2 h would overflow float32 in a naive Gram matrix
+    opt.step()
+    _assert_all_finite(params, opt)
+    assert opt.skipped_steps == 0
+
+
+@pytest.mark.parametrize("eps", [1e-46, 1e-300])
+def test_an_eps_that_rounds_to_zero_in_float32_is_refused(info, eps):
+    with pytest.raises(ValueError, match="eps must be representable in float32"):
+        info.make(_raw_params(), eps=eps)
+
+
+def _trained(info, params, calls=3):
+    opt = info.make(params, max_precond_dim=12)
+    _run(params, opt, calls)
+    return opt
+
+
+def test_load_state_dict_of_a_model_with_other_shapes_is_refused_and_changes_nothing(info):
+    target_params = _raw_params()
+    target = _trained(info, target_params)
+    before = _snapshot(target_params, target), copy.deepcopy(target.param_groups[0]["lr"])
+    other = [nn.Parameter(torch.randn((7, 5) if p.dim() == 2 and p.shape == (6, 5) else p.shape)) for p in _raw_params()]
+    saved = _trained(info, other).state_dict()
+    with pytest.raises(ValueError, match=r"has exp_avg of shape \(7, 5\), expected \(6, 5\)"):
+        target.load_state_dict(saved)
+    _assert_same(before[0], _snapshot(target_params, target))
+    _run(target_params, target, 2, start=3)  # and it still steps
+    _assert_all_finite(target_params, target)
+
+
+def test_load_state_dict_of_another_optimizer_is_refused(info):
+    params = _raw_params()
+    opt = _trained(info, params)
+    adamw = torch.optim.AdamW(_raw_params(), lr=1e-3)
+    for p in adamw.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    adamw.step()
+    before = _snapshot(params, opt)
+    with pytest.raises(ValueError, match="keys"):
+        opt.load_state_dict(adamw.state_dict())
+    _assert_same(before, _snapshot(params, opt))
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        group["global_state"] = {**group["global_state"], "kind": "Shampoo"}
+    with pytest.raises(ValueError, match=r"checkpoint is of \['Shampoo'\]"):
+        opt.load_state_dict(saved)
+
+
+def test_a_soap_checkpoint_loads_into_mlfopsoap_and_continues_as_soap(info):
+    """A SOAP state has no FOP values in its groups; they take the loading optimizer's."""
+    straight_params, first_params, resumed_params = _raw_params(), _raw_params(), _raw_params()
+    straight = mlfop.SOAP(straight_params, max_precond_dim=12)
+    _run(straight_params, straight, 9)
+    first = mlfop.SOAP(first_params, max_precond_dim=12)
+    _run(first_params, first, 5)
+    resumed = info.make(resumed_params, max_precond_dim=12)
+    with torch.no_grad():
+        for p, q in zip(resumed_params, first_params):
+            p.copy_(q)
+    resumed.load_state_dict(_saved_and_loaded(first.state_dict()))
+    _run(resumed_params, resumed, 4, start=5)
+    _assert_all_finite(resumed_params, resumed)
+    if not info.folds:  # without folds ML-FOP-SOAP is SOAP: the resumed run is the straight one
+        _assert_same(_snapshot(straight_params, straight), _snapshot(resumed_params, resumed))
