@@ -113,12 +113,39 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class Llama(nn.Module):
+    """transformers' ``LlamaForCausalLM`` (q/k/v/o attention, SwiGLU MLP, RMSNorm), untied head."""
+
+    def __init__(self, vocab: int, seq: int, d_model: int, layers: int, heads: int) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=3 * d_model,
+                             num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                             max_position_embeddings=seq, tie_word_embeddings=False, attn_implementation="sdpa")
+        self.hf = LlamaForCausalLM(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=tokens).logits
+
+
+MODELS = {"gpt": GPT, "llama": Llama}
+# The accumulated-batch settings of the Core v2 issue: a ~1.1M-parameter Llama, 128 sequences of
+# 64 tokens per step, in 8 micro-batches of 16 or 32 of 4.
+PRESETS = {
+    "accumulate8": {"model": "llama", "d_model": 128, "layers": 4, "heads": 4, "vocab": 1024, "seq": 64,
+                    "batch": 128, "micro_batches": 8},
+    "accumulate32": {"model": "llama", "d_model": 128, "layers": 4, "heads": 4, "vocab": 1024, "seq": 64,
+                     "batch": 128, "micro_batches": 32},
+}
+
+
 def make_batches(args: argparse.Namespace, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` (input, target) pairs of random tokens from a generator seeded with ``--seed``."""
     generator = torch.Generator().manual_seed(args.seed)
     batches = []
     for _ in range(count):
-        tokens = torch.randint(args.vocab, (args.batch, args.seq + 1), generator=generator)
+        tokens = torch.randint(args.vocab, (args.batch, args.seq + 1), generator=generator).to(args.device)
         batches.append((tokens[:, :-1], tokens[:, 1:]))
     return batches
 
@@ -273,10 +300,18 @@ def build_contenders(base: nn.Module, args: argparse.Namespace) -> tuple[list[Co
 # --------------------------------------------------------------------------------------------
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timers read the host clock)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor], micro_batches: int) -> None:
     """One full train step; records wall and CPU time of forward+backward (with the folds,
-    over all micro-batches) and of the optimizer step."""
+    over all micro-batches) and of the optimizer step, and on CUDA the step's peak memory."""
     inputs, targets = batch
+    device = inputs.device
+    synchronize(device)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     contender.optimizer.zero_grad(set_to_none=True)
     total = 0.0
@@ -285,10 +320,16 @@ def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor], m
         loss.backward()
         if contender.streams:
             contender.optimizer.fold(contender.streams[i % len(contender.streams)])
-        total += loss.item()
+        total += loss.detach()
+    synchronize(device)
     wall1, cpu1 = time.perf_counter(), time.process_time()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     contender.optimizer.step()
+    synchronize(device)
     wall2, cpu2 = time.perf_counter(), time.process_time()
+    peak = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
     k = len(contender.calls) + 1
     contender.calls.append({
         "call": k,
@@ -297,7 +338,8 @@ def train_step(contender: Contender, batch: tuple[torch.Tensor, torch.Tensor], m
         "step_ms": 1e3 * (wall2 - wall1),
         "fwd_bwd_cpu_ms": 1e3 * (cpu1 - cpu0),
         "step_cpu_ms": 1e3 * (cpu2 - cpu1),
-        "loss": total,
+        "step_peak_bytes": peak,
+        "loss": float(total),
     })
 
 
@@ -346,6 +388,7 @@ def summarise(contender: Contender, warmup: int) -> dict[str, Any]:
         "amortised_full_ms": None if amortised is None else amortised + fwd_bwd_median,
         "step_cpu_median_ms": statistics.median(c["step_cpu_ms"] for c in regular),
         "state_bytes": tensor_bytes(list(contender.optimizer.state.values())),
+        "step_peak_bytes": max((c["step_peak_bytes"] or 0) for c in measured) or None,
         "final_loss": measured[-1]["loss"],
         "refresh_rule": contender.refresh_rule,
     }
@@ -354,7 +397,8 @@ def summarise(contender: Contender, warmup: int) -> dict[str, Any]:
 def add_ratios(summary: list[dict[str, Any]], baseline: str) -> None:
     """Add amortised step, amortised full and state ratios to the ``baseline`` row."""
     base = next(row for row in summary if row["optimizer"] == baseline)
-    keys = {"step": "amortised_step_ms", "full": "amortised_full_ms", "state": "state_bytes"}
+    keys = {"step": "amortised_step_ms", "full": "amortised_full_ms", "state": "state_bytes",
+            "peak": "step_peak_bytes"}
     for row in summary:
         for label, key in keys.items():
             valid = row[key] is not None and base[key]
@@ -382,6 +426,10 @@ def markdown_table(summary: list[dict[str, Any]], baseline: str) -> str:
               "fwd+bwd median", "amortised full", "step CPU median", "state bytes",
               "final loss", f"step × {baseline}", f"full × {baseline}", f"state × {baseline}"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    peak = any(row["step_peak_bytes"] for row in summary)
+    if peak:
+        header[8:8] = ["step peak bytes", f"peak × {baseline}"]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary:
         calls = ", ".join(map(str, row["refresh_calls"]))
         refresh = fmt_ms(row["refresh_mean_ms"]) + (f" ({calls})" if calls else "")
@@ -390,6 +438,8 @@ def markdown_table(summary: list[dict[str, Any]], baseline: str) -> str:
                  fmt_ms(row["amortised_full_ms"]), fmt_ms(row["step_cpu_median_ms"]),
                  f"{row['state_bytes']:,}", fmt(row["final_loss"], 4),
                  fmt(row["step_ratio"], 2), fmt(row["full_ratio"], 2), fmt(row["state_ratio"], 2)]
+        if peak:
+            cells[8:8] = [f"{row['step_peak_bytes'] or 0:,}", fmt(row["peak_ratio"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -415,6 +465,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "mlfop_fop_k3; heavyball is skipped if missing)")
     parser.add_argument("--baseline", type=contender_name, default="mlfop_soap",
                         help="contender the ratio columns divide by (default: mlfop_soap)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="an accumulated-batch setting: " + "; ".join(
+                            f"{name}: {', '.join(f'{k}={v}' for k, v in values.items())}"
+                            for name, values in PRESETS.items()))
+    parser.add_argument("--model", choices=sorted(MODELS), help="decoder (default gpt)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="parameter dtype (the optimizers' statistics stay float32)")
     parser.add_argument("--d-model", type=int, help="model width (default 256)")
     parser.add_argument("--layers", type=int, help="transformer blocks (default 4)")
     parser.add_argument("--heads", type=int, help="attention heads (default 4)")
@@ -439,11 +497,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write raw per-call timings and the summary here")
     args = parser.parse_args(argv)
 
-    defaults = {"d_model": 256, "layers": 4, "heads": 4, "vocab": 1024, "seq": 64, "batch": 32,
+    defaults = {"model": "gpt", "d_model": 256, "layers": 4, "heads": 4, "vocab": 1024, "seq": 64, "batch": 32,
                 "micro_batches": 4, "warmup": 12, "steps": 20, "precondition_frequency": 10}
-    for key, value in (QUICK if args.quick else defaults).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    for source in (PRESETS.get(args.preset, {}), QUICK if args.quick else {}, defaults):
+        for key, value in source.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.device = torch.device(args.device)
 
     f = args.precondition_frequency
     if f < 2:
@@ -478,9 +538,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     load_before = load_average()
 
     torch.manual_seed(args.seed)
-    base = GPT(args.vocab, args.seq, args.d_model, args.layers, args.heads)
+    base = MODELS[args.model](args.vocab, args.seq, args.d_model, args.layers, args.heads)
+    base = base.to(device=args.device, dtype=getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"model: {n_params:,} parameters (d={args.d_model}, layers={args.layers}, "
+    print(f"model: {args.model}, {n_params:,} {args.dtype} parameters on {args.device} (d={args.d_model}, layers={args.layers}, "
           f"heads={args.heads}, vocab={args.vocab}, seq={args.seq}, batch={args.batch} "
           f"in {args.micro_batches} micro-batches)",
           flush=True)
@@ -506,7 +567,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
               "times in ms, wall clock except the CPU column (process_time, all threads); "
               "amortised step = (1-1/f)·median + (1/f)·refresh mean; "
               "amortised full = amortised step + fwd+bwd median"]
-    header = (f"torch {torch.__version__} | threads {args.threads} | OMP_WAIT_POLICY "
+    device = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "cpu"
+    header = (f"torch {torch.__version__} | {device} | threads {args.threads} | OMP_WAIT_POLICY "
               f"{os.environ.get('OMP_WAIT_POLICY')} | load average before "
               f"{load_before}, after {load_average()} | {n_params:,} params | "
               f"command: `{command_line(argv)}`")
@@ -516,7 +578,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     result = {"header": header, "notes": notes, "summary": summary}
     if args.json:
-        raw = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        raw = {"config": {k: (str(v) if isinstance(v, (Path, torch.device)) else v) for k, v in vars(args).items()},
                "calls": {c.name: c.calls for c in contenders}}
         args.json.write_text(json.dumps({**result, **raw}, indent=2))
     return result

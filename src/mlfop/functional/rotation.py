@@ -75,12 +75,18 @@ def block_layout(
     return shape, tuple(size <= max_precond_dim for size in shape)
 
 
-def _matching(basis: Tensor, x: Tensor) -> Tensor:
-    """``basis`` shaped to multiply ``x``'s last two dimensions: a batched basis ``(B, a, b)``
-    gets singleton dimensions for ``x``'s dimensions between its batch axis and the last two."""
-    if basis.dim() == 2:
-        return basis
-    return basis.view(basis.shape[0], *[1] * (x.dim() - 3), *basis.shape[1:])
+def _contract_batched(x: Tensor, q: Tensor, dim: int) -> Tensor:
+    """Contract dimension ``dim`` of ``x`` ``(B, ...)`` with the batch of matrices ``q`` ``(B, a, b)``.
+
+    The other dimensions are folded into the matrix product's free side (never the basis
+    broadcast over them, which would copy it), so that each block costs one ``bmm``.
+    """
+    batch = q.shape[0]
+    if dim == x.dim() - 1:
+        return (x.reshape(batch, -1, q.shape[-2]) @ q).view(*x.shape[:-1], q.shape[-1])
+    moved = x.movedim(dim, 1)
+    product = q.mT @ moved.reshape(batch, moved.shape[1], -1)
+    return product.view(batch, q.shape[-1], *moved.shape[2:]).movedim(1, dim)
 
 
 def _contract(x: Tensor, bases: Sequence[Tensor | None], transpose: bool) -> Tensor:
@@ -90,24 +96,22 @@ def _contract(x: Tensor, bases: Sequence[Tensor | None], transpose: bool) -> Ten
     A basis is ``(a, b)``, or ``(B, a, b)`` for a batch of blocks stacked along ``x``'s first
     dimension. Dimensions of ``x`` before the block's (a batch axis, one per gradient stream)
     are left alone. ``a != b`` is allowed (rows of a basis, for one attention head's slice).
+    The last dimension goes first: its product needs no copy of ``x``.
     """
     n = len(bases)
-    vector = x.dim() == 2 and any(basis is not None and basis.dim() == 3 for basis in bases)
-    if vector:  # a batch of 1-D blocks: a row per block for the batched product
-        x = x.unsqueeze(1)
-    for i, basis in enumerate(bases):
+    for i in reversed(range(n)):
+        basis = bases[i]
         if basis is None:
             continue
         q = basis.mT if transpose else basis
         dim = x.dim() - n + i
-        if dim == x.dim() - 1:
-            x = x @ _matching(q, x)
-        elif dim == x.dim() - 2:
-            x = _matching(q, x).mT @ x
+        if q.dim() == 3:
+            x = _contract_batched(x, q, dim)
+        elif dim == x.dim() - 1:
+            x = x @ q
         else:
-            moved = x.movedim(dim, -1)
-            x = (moved @ _matching(q, moved)).movedim(-1, dim)
-    return x.squeeze(1) if vector else x
+            x = (x.movedim(dim, -1) @ q).movedim(-1, dim)
+    return x
 
 
 def rotate(x: Tensor, bases: Sequence[Tensor | None]) -> Tensor:

@@ -100,9 +100,9 @@ def ordered_sum(terms: Tensor, order: Tensor | None) -> Tensor:
     """:math:`\\sum_k` of ``terms`` ``(B, K, ...)`` over axis 1, in ``order`` (see :func:`stream_order`)."""
     if order is not None:
         terms = torch.take_along_dim(terms, order.view(*order.shape, *[1] * (terms.dim() - 2)), dim=1)
-    total = terms[:, 0]
-    for k in range(1, terms.shape[1]):
-        total = total + terms[:, k]
+    total = terms[:, 0] + terms[:, 1] if terms.shape[1] > 1 else terms[:, 0].clone()
+    for k in range(2, terms.shape[1]):
+        total += terms[:, k]
     return total
 
 
@@ -117,7 +117,7 @@ def _per_stream(values: Tensor, like: Tensor) -> Tensor:
 def stream_second_moment(rotated: Tensor, weights: Tensor, reach: Tensor, order: Tensor | None) -> Tensor:
     r""":math:`W \sum_k w_k r_k^2`: ``rotated`` ``(B, K, *block)``, ``reach`` :math:`W` 0-d or ``(B,)``."""
     scale = weights.to(rotated.dtype) * reach.to(rotated.dtype).view(-1, 1)
-    return ordered_sum(rotated.square() * _per_stream(scale, rotated), order)
+    return ordered_sum(rotated.square().mul_(_per_stream(scale, rotated)), order)
 
 
 def stream_factor_statistics(
@@ -136,8 +136,8 @@ def stream_factor_statistics(
         return kronecker_statistics(shared, preconditioned, batch_dims=1)
     scale = weights.to(streams.dtype) * reach.to(streams.dtype).view(-1, 1)
     statistics = []
-    for stat in kronecker_statistics(streams, preconditioned, batch_dims=2):
-        statistics.append(None if stat is None else ordered_sum(stat * _per_stream(scale, stat), order))
+    for stat in kronecker_statistics(streams, preconditioned, batch_dims=2):  # (B, K, d, d), ours
+        statistics.append(None if stat is None else ordered_sum(stat.mul_(_per_stream(scale, stat)), order))
     return statistics
 
 

@@ -416,9 +416,11 @@ class MLFOPSOAP(SOAP):
             coefficients = finished.scale.to(batch.dtype) * torch.tensor(
                 [sign / share for share in finished.shares], dtype=batch.dtype, device=finished.scale.device)
             sums = [self._folds.sums(p, finished.present).reshape(k, *layout[0]) for p in params]
-            raw = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)
-            item = _Streams(batch, raw * coefficients.view(1, k, *[1] * len(layout[0])), reaching, layout_h)
+            raw = sums[0].unsqueeze(0) if len(sums) == 1 else torch.stack(sums)  # one block: the buffer itself
+            item = _Streams(batch, raw, reaching, layout_h)
             item.noise = self._noise(params, raw, layout_h, finished)
+            per_stream = coefficients.view(1, k, *[1] * len(layout[0]))
+            item.streams = raw * per_stream if len(sums) == 1 else raw.mul_(per_stream)
             item.order = stream_order(item.streams)
             item.reach = reach_weight(weights, reaching)
             items.append(item)
@@ -436,7 +438,7 @@ class MLFOPSOAP(SOAP):
         batch, k = raw.shape[:2]
         shaped = raw.reshape(batch, k, *params[0].shape)
         grouped = split_heads(shaped, *layout_h, leading=2).flatten(3) if layout_h else shaped.reshape(batch, k, 1, -1)
-        sums_sq = grouped.double().square().sum(-1)
+        sums_sq = torch.linalg.vector_norm(grouped, dim=-1).double().square()
         counts = torch.tensor(known[1])
         return stream_noise(micro_sq, sums_sq, counts, torch.tensor(known[2]), torch.tensor(finished.shares),
                             finished.scale)
@@ -456,7 +458,7 @@ class MLFOPSOAP(SOAP):
         """Rotate the streams; the metric h (this step's SOAP denominator) and the FOP system."""
         config = item.batch.config
         item.tensors = item.batch.tensors()
-        item.rotated = rotate(item.streams, item.tensors.bases)
+        item.rotated = rotate(item.streams, item.tensors.bases).contiguous()
         item.second_moment = stream_second_moment(item.rotated, weights, item.reach, item.order)
         item.h = soap_denominator(item.tensors.exp_avg_sq, item.second_moment, config.betas[1], config.eps)
         grams = stream_grams(_flat(item.rotated, 2), _flat(item.h, 1))
