@@ -650,6 +650,13 @@ class MLFOPSOAP(SOAP):
                 self.balance_beta * previous + (1.0 - self.balance_beta) * norm
             )
 
+    def fold_losses(self, losses: Mapping[str, Tensor], tokens: Mapping[str, float | Tensor] | None = None) -> None:
+        """Fold a micro-batch that mixes streams from its per-stream losses ``{stream: loss}``:
+        one backward and one fold per stream, as :func:`mlfop.mixed_batches.fold_losses`."""
+        from mlfop.mixed_batches import fold_losses
+
+        fold_losses(self, losses, tokens)
+
 
 
 
