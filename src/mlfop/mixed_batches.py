@@ -52,11 +52,14 @@ def fold_losses(optimizer: Any, losses: Mapping[str, Tensor], tokens: Mapping[st
     ``p.grad``; the last with ``backward()``, which also carries the other parts with a zero
     gradient, so that every parameter any part reaches gets its gradient hook. So under DDP
     exactly one backward of the micro-batch runs DDP's hooks: run the forward inside
-    ``ddp.no_sync()`` for all micro-batches but the last of the step, as usual, and the last
-    micro-batch's sync comes at its last fold, which is then the same stream on every rank
-    when the ranks' last micro-batches hold the same streams. Hooks that fire on gradient
-    accumulation (``register_post_accumulate_grad_hook``) see the last part only. Parameters
-    sharded as DTensors (FSDP2) are refused: use :class:`mlfop.data.StreamBatchSampler`.
+    ``ddp.no_sync()`` for all micro-batches but the last of the step, as usual, and the sync
+    comes with the last micro-batch's last fold. ``step()`` needs the ranks to fold alike (the
+    same number of folds per stream, the same last stream), so each rank's j-th micro-batch
+    must hold the same streams, in any proportions: true of Emu3-style sequences that all carry
+    both modalities; per-example tags that vary by rank are refused there, on every rank, and
+    are better batched with :class:`mlfop.data.StreamBatchSampler`. Hooks that fire on
+    gradient accumulation (``register_post_accumulate_grad_hook``) see the last part only.
+    Parameters sharded as DTensors (FSDP2) are refused: use the sampler there too.
     """
     names = tuple(optimizer.streams)
     if names == UNTAGGED_STREAMS:
