@@ -16,6 +16,11 @@ callback::
 
 What :class:`MLFOPFolding` does, in Lightning's order of events:
 
+- ``on_train_start`` and ``on_train_epoch_start``: sets the epoch of a
+  :class:`mlfop.data.StreamBatchSampler` that batches the train dataloader (Lightning itself
+  only reaches samplers, not batch samplers). The sampler is rank-aware itself: under DDP
+  build the dataloader in ``train_dataloader()`` (after the process group exists) and pass
+  ``Trainer(use_distributed_sampler=False)``.
 - ``on_train_batch_start``: reads the stream of the batch (and its loss-token count, with
   ``tokens=``), and by default removes the key from a dict batch, so ``training_step`` and
   ``model(**batch)`` never see it.
@@ -49,11 +54,15 @@ from typing import Any
 
 import torch
 
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.utils.data import DataLoader
+
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
+from mlfop.data import StreamBatchSampler
 from mlfop.integrations.batch_streams import StreamKey, unwrap_optimizer
 
 __all__ = ["MLFOPFolding"]
@@ -124,6 +133,21 @@ class MLFOPFolding(Callback):
             )
         self.key.check_optimizer(self.mlfop_optimizer(trainer).streams)
         self._pending, self._stepped = None, False
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._set_sampler_epoch(trainer)  # also when resuming in the middle of an epoch
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._set_sampler_epoch(trainer)
+
+    @staticmethod
+    def _set_sampler_epoch(trainer: Any) -> None:
+        """Lightning sets the epoch of samplers, not of batch samplers: a StreamBatchSampler's here."""
+        def set_epoch(loader: DataLoader) -> None:
+            if isinstance(loader.batch_sampler, StreamBatchSampler):
+                loader.batch_sampler.set_epoch(trainer.current_epoch)
+
+        apply_to_collection(trainer.train_dataloader, DataLoader, set_epoch)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         name = self.key.stream_of(batch, self.mlfop_optimizer(trainer).streams)
