@@ -15,17 +15,18 @@ config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hi
                      num_attention_heads=4, num_key_value_heads=2)
 model = LlamaForCausalLM(config)
 
-# Every example names its stream ("image" or "text"); each micro-batch must come from one
-# stream, so the dataset is ordered in blocks of per_device_train_batch_size examples.
+# Every example names its stream; about one in three is an image example, in random order.
+# MLFOPTrainer sees the "stream" column and batches the data with mlfop.StreamBatchSampler:
+# single-stream micro-batches, in the data's proportions in every optimizer step.
 dataset = []
 for i in range(64):
     ids = torch.randint(0, 64, (16,))
-    dataset.append({"input_ids": ids, "labels": ids.clone(), "stream": ("image", "text")[(i // 4) % 2]})  # mlfop
+    stream = "image" if torch.rand(()) < 1 / 3 else "text"
+    dataset.append({"input_ids": ids, "labels": ids.clone(), "stream": stream})  # mlfop
 
 args = TrainingArguments(
     output_dir="mlfop-trainer-example", per_device_train_batch_size=4, gradient_accumulation_steps=4,
     max_steps=4, learning_rate=3e-3, weight_decay=0.01, logging_steps=1, save_strategy="no",
-    train_sampling_strategy="sequential",  # keep each micro-batch within one stream
     report_to="none", use_cpu=True, disable_tqdm=True,
 )
 trainer = MLFOPTrainer(  # mlfop: instead of Trainer

@@ -1,9 +1,8 @@
 """``MLFOPSOAP`` under DDP (2 ranks, gloo on CPU): equivalence with one process, and refusals.
 
-The ranks are started once per module with ``torch.multiprocessing.spawn`` (``file://``
-rendezvous in a temporary folder). Each rank runs every scenario in turn in one process group
-and writes its results with ``torch.save``, and the tests compare them in the parent. A spawn
-costs a few seconds, so all scenarios share one.
+The ranks are started once per module (:mod:`rank_spawn`). Each rank runs every scenario in
+turn in one process group, and the tests compare the results in the parent. A spawn costs a
+few seconds, so all scenarios share one.
 
 The loop under DDP is the one the library documents. Per optimizer step each rank runs
 ``MICRO_PER_RANK`` micro-batches, all but the last inside ``ddp.no_sync()`` (so DDP averages the
@@ -13,15 +12,11 @@ accumulated ``p.grad`` at the last backward), and calls ``opt.fold(stream)`` aft
 from __future__ import annotations
 
 import contextlib
-import datetime
 import time
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from rank_spawn import run_ranks, scenario_results
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -40,8 +35,6 @@ PLAIN_BATCH = 4
 # local image:text token ratios (7:6 and 10:3) differ from the global one (17:9), so a rank that
 # weighted the streams by its local token counts would take a different step.
 TOKENS = (3, 5, 4, 1, 8, 2, 2, 1)
-SPAWN_TIMEOUT_S = 240.0  # a hang fails the test instead of blocking the suite
-COLLECTIVE_TIMEOUT_S = 60  # gloo gives up on a collective that the other rank never joins
 REFUSAL_WITHIN_S = 10.0  # a refused step() must raise quickly on every rank (no hang)
 
 
@@ -225,7 +218,7 @@ def _last_stream_differs(rank: int) -> dict:
     return {"error": None, "params": _params(model)}
 
 
-_SCENARIOS = {
+SCENARIOS = {
     "plain": lambda rank: _train(rank, tokens=False),
     "tokens": lambda rank: _train(rank, tokens=True),
     # The same number of micro-batches, different per-stream counts (2:2 against 3:1).
@@ -240,61 +233,10 @@ _SCENARIOS = {
 }
 
 
-def _worker(rank: int, init_method: str, out_dir: str, scenarios: list[str]) -> None:
-    torch.set_num_threads(1)  # two ranks on two cores
-    dist.init_process_group(
-        "gloo",
-        init_method=init_method,
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
-    )
-    results = {}
-    try:
-        for name in scenarios:
-            try:
-                results[name] = _SCENARIOS[name](rank)
-            except Exception:  # recorded, so that the parent reports it with the rank
-                results[name] = {"crash": traceback.format_exc()}
-                break  # the ranks may be out of lockstep now
-    finally:
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-        dist.destroy_process_group()
-
-
-def _spawn(folder: Path, scenarios: list[str]) -> list[dict]:
-    """Run ``scenarios`` on WORLD ranks; kill them and fail if they take over SPAWN_TIMEOUT_S."""
-    context = mp.spawn(
-        _worker,
-        args=(f"file://{folder}/rendezvous", str(folder), scenarios),
-        nprocs=WORLD,
-        join=False,
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
-        if time.monotonic() >= deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-            for process in context.processes:
-                process.join(10)
-            pytest.fail(f"the ranks did not finish {scenarios} within {SPAWN_TIMEOUT_S:.0f} s (hang?)")
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Every scenario's results, per rank (one spawn for the whole module)."""
-    return _spawn(tmp_path_factory.mktemp("ddp"), list(_SCENARIOS))
-
-
-def _outcomes(ranks: list[dict], name: str) -> list[dict]:
-    outcomes = []
-    for rank, results in enumerate(ranks):
-        assert name in results, f"rank {rank} never ran {name} (an earlier scenario crashed)"
-        assert "crash" not in results[name], f"rank {rank}, {name}:\n{results[name]['crash']}"
-        outcomes.append(results[name])
-    return outcomes
+    return run_ranks(__name__, list(SCENARIOS), tmp_path_factory.mktemp("ddp"))
 
 
 # ------------------------------------------------------------------------------- the tests
@@ -318,7 +260,7 @@ _FLOORS = 10.0
 
 @pytest.mark.parametrize("variant", ["plain", "tokens"])
 def test_ddp_matches_single_process(ranks, variant):
-    rank0, rank1 = _outcomes(ranks, variant)
+    rank0, rank1 = scenario_results(ranks, variant)
     # Every rank holds the same averaged streams and takes the same deterministic step.
     for a, b in zip(rank0["params"], rank1["params"]):
         assert torch.equal(a, b), f"{variant}: the ranks' parameters differ"
@@ -343,7 +285,7 @@ def test_ddp_matches_single_process(ranks, variant):
     ],
 )
 def test_ddp_refuses_on_every_rank(ranks, scenario, match):
-    outcomes = _outcomes(ranks, scenario)
+    outcomes = scenario_results(ranks, scenario)
     for rank, outcome in enumerate(outcomes):
         assert outcome["error"] is not None, f"rank {rank} took the step"
         assert match in outcome["error"], f"rank {rank}: {outcome['error']}"
@@ -358,7 +300,7 @@ def test_ddp_refuses_on_every_rank(ranks, scenario, match):
 
 def test_ddp_last_fold_in_different_streams_is_refused(ranks):
     """DDP averages the synced (last) micro-batch, so the ranks must end on the same stream."""
-    outcomes = _outcomes(ranks, "last_stream_differs")
+    outcomes = scenario_results(ranks, "last_stream_differs")
     for outcome in outcomes:
         assert outcome["error"] is not None and "ranks folded different streams" in outcome["error"]
     assert outcomes[0]["error"] == outcomes[1]["error"]

@@ -18,12 +18,21 @@ from tiny_llama import (
     OPT_KWARGS,
     STREAMS,
     hand_loop,
+    in_sampler_order,
     make_examples,
     max_rel_diff,
+    mixed_examples,
     poison_second_step,
     run_example,
 )
-from mlfop.integrations.accelerate import StreamFolding, fold_after_backward, loss_tokens, unwrap_optimizer
+from mlfop.data import StreamBatchSampler, stream_column
+from mlfop.integrations.accelerate import (
+    StreamFolding,
+    fold_after_backward,
+    loss_tokens,
+    prepare_stream_loader,
+    unwrap_optimizer,
+)
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "accelerate_loop.py"
 
@@ -34,15 +43,22 @@ def fresh_accelerator(**kwargs) -> Accelerator:  # accelerate's state is a proce
     return Accelerator(cpu=True, gradient_accumulation_steps=ACCUM, **kwargs)
 
 
-def accelerate_run(base_model, examples, clip=None, tokens=False, save_at=None, save_dir=None, resume=None, setup=None, mixed_precision=None):
-    """The user's loop; returns (model, pre-clip norms, optimizer)."""
+def accelerate_run(base_model, examples, clip=None, tokens=False, save_at=None, save_dir=None, resume=None, setup=None,
+                   mixed_precision=None, by_stream=False):
+    """The user's loop; returns (model, pre-clip norms, optimizer). ``by_stream``: the examples
+    are mixed, batched by a StreamBatchSampler (seed 5)."""
     accelerator = fresh_accelerator(mixed_precision=mixed_precision)
     model = copy.deepcopy(base_model)
     if setup is not None:
         setup(model)
     optimizer = mlfop.MLFOPSOAP(model.parameters(), **OPT_KWARGS)
-    loader = torch.utils.data.DataLoader(examples, batch_size=MICRO, shuffle=False)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if by_stream:
+        sampler = StreamBatchSampler(stream_column(examples), MICRO, accumulation_steps=ACCUM, seed=5)
+        loader = prepare_stream_loader(accelerator, torch.utils.data.DataLoader(examples, batch_sampler=sampler))
+        model, optimizer = accelerator.prepare(model, optimizer)
+    else:
+        loader = torch.utils.data.DataLoader(examples, batch_size=MICRO, shuffle=False)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if resume is not None:
         accelerator.load_state(str(resume))
     folding = StreamFolding(optimizer)
@@ -114,7 +130,7 @@ def test_save_state_load_state_resumes_exactly(base_model, tmp_path):
         fold_after_backward(optimizer, "image")
         optimizer.step()  # a no-op: not a sync micro-batch
         optimizer.zero_grad()  # also a no-op: the fold survives
-    assert unwrap_optimizer(optimizer)._folds.active
+    assert unwrap_optimizer(optimizer).accumulating
     with pytest.raises(RuntimeError, match="between fold"):
         accelerator.save_state(str(tmp_path / "mid"))
 
@@ -148,3 +164,17 @@ def test_skipped_step_ends_the_accumulation(base_model, tmp_path):
                                          setup=poison_second_step)
     assert unwrap_optimizer(optimizer).skipped_steps == 1
     assert (tmp_path / "ckpt").is_dir()
+
+
+def test_mixed_dataset_through_the_sampler_matches_hand_loop(base_model):
+    examples = mixed_examples(48)
+    model, _, _ = accelerate_run(base_model, examples, by_stream=True)
+    sampler = StreamBatchSampler(stream_column(examples), MICRO, accumulation_steps=ACCUM, seed=5)
+    reference, _ = hand_loop(base_model, in_sampler_order(examples, sampler))
+    assert max_rel_diff(model, reference) < 1e-6
+    assert max_rel_diff(model, base_model) > 1e-3
+
+    accelerator = fresh_accelerator()
+    other_rank = StreamBatchSampler(stream_column(examples), MICRO, num_replicas=2, rank=1)
+    with pytest.raises(ValueError, match="built for rank 1 of 2, but this is process 0 of 1"):
+        prepare_stream_loader(accelerator, torch.utils.data.DataLoader(examples, batch_sampler=other_rank))

@@ -14,7 +14,17 @@ import torch
 from transformers import TrainingArguments
 
 import mlfop
-from tiny_llama import ACCUM, MICRO, SEQ, STREAMS, make_examples, poison_second_step, run_example
+from tiny_llama import (
+    ACCUM,
+    MICRO,
+    SEQ,
+    STREAMS,
+    in_sampler_order,
+    make_examples,
+    mixed_examples,
+    poison_second_step,
+    run_example,
+)
 from mlfop.integrations.transformers import MLFOPTrainer, StreamCollator
 
 LR, WD, BETAS, EPS = 3e-2, 0.1, (0.9, 0.95), 1e-8
@@ -34,19 +44,23 @@ def training_args(tmp_path: Path, steps: int, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def run_trainer(base_model, tmp_path, steps=2, examples=None, resume=None, **overrides):
+def run_trainer(base_model, tmp_path, steps=2, examples=None, resume=None, group_by_stream=False, **overrides):
+    """MLFOPTrainer on ``examples``; by default in their order (already single-stream micro-batches)."""
     model = copy.deepcopy(base_model)
     trainer = MLFOPTrainer(
         model=model, args=training_args(tmp_path, steps, **overrides),
         train_dataset=examples if examples is not None else make_examples(steps),
-        optimizer_kwargs=OPT_KWARGS,
+        group_by_stream=group_by_stream, optimizer_kwargs=OPT_KWARGS,
     )
     trainer.train(resume_from_checkpoint=resume)
     return trainer, model
 
 
-def hand_loop(base_model, steps=2, max_grad_norm=0.0, untagged=False, bf16=False):
-    """The loop Trainer runs, written out: token-sum loss / step tokens, fold, clip, step."""
+def hand_loop(base_model, steps=2, max_grad_norm=0.0, untagged=False, bf16=False, examples=None):
+    """The loop Trainer runs, written out: token-sum loss / step tokens, fold, clip, step.
+
+    ``examples`` come in micro-batches of MICRO, in order (default: ``make_examples(steps)``).
+    """
     model = copy.deepcopy(base_model)
     named = list(model.named_parameters())
     groups = [  # Trainer's groups: no decay for biases and norms (the 1-D norm weights here)
@@ -55,7 +69,7 @@ def hand_loop(base_model, steps=2, max_grad_norm=0.0, untagged=False, bf16=False
     ]
     kwargs = {**OPT_KWARGS, "streams": None} if untagged else OPT_KWARGS
     opt = mlfop.MLFOPSOAP(groups, lr=LR, betas=BETAS, eps=EPS, **kwargs)
-    examples = make_examples(steps)
+    examples = make_examples(steps) if examples is None else examples
     batches = [examples[i : i + MICRO] for i in range(0, len(examples), MICRO)]
     norms = []
     for step in range(steps):
@@ -209,3 +223,30 @@ def test_bf16_autocast_matches_hand_loop(base_model, tmp_path):
     assert max_rel_diff(model, reference) < 1e-6
     assert max_rel_diff(model, fp32) > 1e-6  # autocast really ran
     assert logged_grad_norms(trainer) == pytest.approx(norms, rel=1e-6)
+
+
+def test_mixed_dataset_is_batched_by_stream_and_resumes(base_model, tmp_path):
+    """A dataset with mixed streams: the train dataloader groups it with StreamBatchSampler (from
+    TrainingArguments), equal to the hand loop over the sampler's micro-batches, also on resume."""
+    examples = mixed_examples(44)
+    random_order = {"train_sampling_strategy": "random", "seed": 3}
+    trainer, model = run_trainer(base_model, tmp_path / "full", steps=4, examples=examples, group_by_stream=True,
+                                 **random_order)
+    sampler = trainer.stream_batch_sampler()
+    assert (sampler.micro_batch_size, sampler.accumulation_steps, sampler.seed, sampler.shuffle) == (MICRO, ACCUM, 3, True)
+    assert len(trainer.get_train_dataloader()) == len(sampler)
+    reference, _ = hand_loop(base_model, steps=4, examples=in_sampler_order(examples, sampler))
+    assert max_rel_diff(model, reference) < 1e-6
+    assert max_rel_diff(model, base_model) > 1e-3
+
+    run_trainer(base_model, tmp_path / "cut", steps=4, examples=examples, group_by_stream=True, save_strategy="steps",
+                save_steps=2, **random_order)
+    _, resumed = run_trainer(base_model, tmp_path / "cut", steps=4, examples=examples, group_by_stream=True,
+                             resume=str(tmp_path / "cut" / "out" / "checkpoint-2"), **random_order)
+    assert max_rel_diff(resumed, model) < 1e-6
+
+    with pytest.raises(ValueError, match="mixes the streams"):  # the old behaviour, refused on mixed data
+        run_trainer(base_model, tmp_path / "old", examples=examples, group_by_stream=False)
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length'"):
+        run_trainer(base_model, tmp_path / "length", examples=examples, group_by_stream=True,
+                    train_sampling_strategy="group_by_length")

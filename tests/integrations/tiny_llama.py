@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mlfop
-from mlfop.integrations._common import loss_tokens
+from mlfop.integrations.batch_streams import loss_tokens
 
 STREAMS = ("image", "text")
 MICRO, ACCUM, SEQ = 2, 4, 16
@@ -44,6 +44,27 @@ def make_examples(steps: int, stream_as_id: bool = False) -> list[dict]:
         labels[: 1 + (3 * i) % 11] = -100  # 1..11 prompt tokens without loss
         examples.append({"input_ids": ids, "labels": labels, "stream": STREAMS.index(stream) if stream_as_id else stream})
     return examples
+
+
+def mixed_examples(count: int, seed: int = 2) -> list[dict]:
+    """``count`` examples whose streams are mixed at random (about 2 image : 1 text), as in a real
+    dataset: no micro-batch of consecutive examples is single-stream."""
+    generator = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(count):
+        ids = torch.randint(0, 64, (SEQ,), generator=generator)
+        labels = ids.clone()
+        labels[: 1 + (5 * i) % 9] = -100
+        stream = STREAMS[int(torch.rand((), generator=generator) < 1 / 3)]
+        examples.append({"input_ids": ids, "labels": labels, "stream": stream})
+    return examples
+
+
+def in_sampler_order(examples: list[dict], sampler) -> list[dict]:
+    """The examples in the order of ``sampler``'s micro-batches of this epoch (MICRO each)."""
+    batches = [indices for _, indices in sampler.micro_batches()]
+    assert all(len(indices) == MICRO for indices in batches)
+    return [examples[i] for indices in batches for i in indices]
 
 
 def hand_loop(base_model, examples, steps=None, clip=None, tokens=False, bf16=False):

@@ -3,10 +3,14 @@
 A user's ``with accelerator.accumulate(model):`` loop changes in two lines: take the stream out
 of the batch before the forward, and fold after ``accelerator.backward``::
 
-    from mlfop.integrations.accelerate import StreamFolding
+    from mlfop.data import StreamBatchSampler, stream_column
+    from mlfop.integrations.accelerate import StreamFolding, prepare_stream_loader
 
+    accelerator = Accelerator(gradient_accumulation_steps=4)
+    sampler = StreamBatchSampler(stream_column(dataset), 8, accumulation_steps=4)   # mlfop
+    loader = prepare_stream_loader(accelerator, DataLoader(dataset, batch_sampler=sampler))  # mlfop
     optimizer = mlfop.MLFOPSOAP(model.parameters(), streams=("image", "text"))
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     folding = StreamFolding(optimizer)                    # mlfop
     for batch in loader:
         with accelerator.accumulate(model):
@@ -18,6 +22,12 @@ of the batch before the forward, and fold after ``accelerator.backward``::
                 accelerator.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad()
+
+The sampler makes single-stream micro-batches out of a mixed dataset, in the data's stream
+proportions in every accumulation, with the same stream sequence on every process (it reads the
+ranks from ``torch.distributed``, which ``Accelerator()`` initialises). Call
+``sampler.set_epoch(epoch)`` before each epoch. :func:`prepare_stream_loader` keeps accelerate
+from dealing its micro-batches out to the processes a second time.
 
 Why this is correct under accelerate's bookkeeping:
 
@@ -57,10 +67,13 @@ from typing import Any
 
 import torch
 
-from mlfop.folding import UNTAGGED_STREAMS
-from mlfop.integrations._common import check_stream_names, loss_tokens, stream_name, unwrap_optimizer
+from mlfop.data import StreamBatchSampler
+from mlfop.integrations.batch_streams import StreamKey, loss_tokens, unwrap_optimizer
 
-__all__ = ["StreamFolding", "fold_after_backward", "unwrap_optimizer", "loss_tokens"]
+__all__ = ["StreamFolding", "fold_after_backward", "loss_tokens", "prepare_stream_loader", "unwrap_optimizer"]
+
+
+_HINT = "build the optimizer as mlfop.MLFOPSOAP(...) before accelerator.prepare(...)"
 
 
 def fold_after_backward(optimizer: Any, stream: str | None, tokens: float | torch.Tensor | None = None) -> None:
@@ -68,7 +81,39 @@ def fold_after_backward(optimizer: Any, stream: str | None, tokens: float | torc
 
     ``optimizer`` may be the ``AcceleratedOptimizer`` that ``accelerator.prepare`` returned.
     """
-    unwrap_optimizer(optimizer).fold(stream, tokens=tokens)
+    unwrap_optimizer(optimizer, _HINT).fold(stream, tokens=tokens)
+
+
+def prepare_stream_loader(accelerator: Any, loader: torch.utils.data.DataLoader) -> Any:
+    """``accelerator.prepare(loader)`` for a loader whose ``batch_sampler`` is a
+    :class:`mlfop.data.StreamBatchSampler`.
+
+    The sampler already gives each rank its own micro-batches (every rank the same streams), so
+    the batch-sampler shard that ``prepare`` adds in a multi-process run, which would deal the
+    micro-batches round-robin, is made a passthrough (as transformers' Trainer does for its own
+    rank-aware batch sampler). Refused where the sampler's ranks are not accelerate's, or where
+    accelerate would not iterate the sampler on every rank (``dispatch_batches=True``).
+    """
+    sampler = loader.batch_sampler
+    if not isinstance(sampler, StreamBatchSampler):
+        raise TypeError(f"the loader's batch_sampler must be a mlfop.data.StreamBatchSampler, got {type(sampler).__name__}")
+    ranks = (accelerator.num_processes, accelerator.process_index)
+    if (sampler.num_replicas, sampler.rank) != ranks:
+        raise ValueError(
+            f"the StreamBatchSampler is built for rank {sampler.rank} of {sampler.num_replicas}, but this is process "
+            f"{ranks[1]} of {ranks[0]}: build it after Accelerator(...), or with num_replicas=accelerator.num_processes "
+            f"and rank=accelerator.process_index"
+        )
+    prepared = accelerator.prepare(loader)
+    shard = getattr(prepared, "batch_sampler", None)
+    if shard is not sampler:
+        if getattr(shard, "batch_sampler", None) is not sampler or not hasattr(shard, "num_processes"):
+            raise ValueError(
+                f"accelerate does not iterate the StreamBatchSampler on every rank (it prepared a "
+                f"{type(prepared).__name__}); use DataLoaderConfiguration(dispatch_batches=False)"
+            )
+        shard.num_processes, shard.process_index = 1, 0
+    return prepared
 
 
 class StreamFolding:
@@ -93,21 +138,14 @@ class StreamFolding:
         stream_key: str | None = "stream",
         stream_names: Mapping[Any, str] | Sequence[str] | None = None,
     ) -> None:
-        if stream_key is not None and (not isinstance(stream_key, str) or not stream_key):
-            raise TypeError(f"stream_key must be a non-empty string or None, got {stream_key!r}")
-        check_stream_names(stream_names)
-        self.optimizer = unwrap_optimizer(optimizer)
+        self.key = StreamKey(stream_key, stream_names, who="StreamFolding")
+        self.optimizer = unwrap_optimizer(optimizer, _HINT)
         self.stream_key = stream_key
-        self.stream_names = stream_names
-        if stream_key is None and tuple(self.optimizer.streams) != UNTAGGED_STREAMS:
-            raise ValueError(
-                f"stream_key=None (untagged) needs an optimizer built with streams=None, not "
-                f"streams={list(self.optimizer.streams)}"
-            )
+        self.key.check_optimizer(self.optimizer.streams)
 
     def stream_of(self, batch: Mapping[str, Any]) -> str | None:
         """The optimizer's stream name for ``batch`` (``None`` in an untagged run)."""
-        return stream_name(batch, self.stream_key, tuple(self.optimizer.streams), self.stream_names, "StreamFolding")
+        return self.key.stream_of(batch, self.optimizer.streams)
 
     def pop_stream(self, batch: MutableMapping[str, Any]) -> str | None:
         """:meth:`stream_of`, and remove the key from ``batch`` (so ``model(**batch)`` works)."""

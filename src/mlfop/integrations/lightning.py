@@ -16,6 +16,11 @@ callback::
 
 What :class:`MLFOPFolding` does, in Lightning's order of events:
 
+- ``on_train_start`` and ``on_train_epoch_start``: sets the epoch of a
+  :class:`mlfop.data.StreamBatchSampler` that batches the train dataloader (Lightning itself
+  only reaches samplers, not batch samplers). The sampler is rank-aware itself: under DDP
+  build the dataloader in ``train_dataloader()`` (after the process group exists) and pass
+  ``Trainer(use_distributed_sampler=False)``.
 - ``on_train_batch_start``: reads the stream of the batch (and its loss-token count, with
   ``tokens=``), and by default removes the key from a dict batch, so ``training_step`` and
   ``model(**batch)`` never see it.
@@ -49,13 +54,16 @@ from typing import Any
 
 import torch
 
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.utils.data import DataLoader
+
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:  # the standalone package
     from pytorch_lightning.callbacks import Callback
 
-from mlfop.folding import UNTAGGED_STREAMS
-from mlfop.integrations._common import check_stream_names, stream_name, unwrap_optimizer
+from mlfop.data import StreamBatchSampler
+from mlfop.integrations.batch_streams import StreamKey, unwrap_optimizer
 
 __all__ = ["MLFOPFolding"]
 
@@ -89,13 +97,10 @@ class MLFOPFolding(Callback):
         remove_key: bool = True,
     ) -> None:
         super().__init__()
-        if stream_key is not None and (not isinstance(stream_key, str) or not stream_key):
-            raise TypeError(f"stream_key must be a non-empty string or None, got {stream_key!r}")
-        check_stream_names(stream_names)
+        self.key = StreamKey(stream_key, stream_names, who="MLFOPFolding")
         if tokens is not None and not callable(tokens):
             raise TypeError(f"tokens must be a callable batch -> count or None, got {tokens!r}")
         self.stream_key = stream_key
-        self.stream_names = stream_names
         self.tokens = tokens
         self.remove_key = bool(remove_key)
         self._pending: tuple[str | None, Any] | None = None
@@ -126,17 +131,26 @@ class MLFOPFolding(Callback):
                 "MLFOPFolding is for automatic optimization; with automatic_optimization=False call "
                 "optimizer.fold(stream) after self.manual_backward(loss) instead"
             )
-        optimizer = self.mlfop_optimizer(trainer)
-        if self.stream_key is None and tuple(optimizer.streams) != UNTAGGED_STREAMS:
-            raise ValueError(
-                f"stream_key=None (untagged) needs an optimizer built with streams=None, not "
-                f"streams={list(optimizer.streams)}"
-            )
+        self.key.check_optimizer(self.mlfop_optimizer(trainer).streams)
         self._pending, self._stepped = None, False
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._set_sampler_epoch(trainer)  # also when resuming in the middle of an epoch
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._set_sampler_epoch(trainer)
+
+    @staticmethod
+    def _set_sampler_epoch(trainer: Any) -> None:
+        """Lightning sets the epoch of samplers, not of batch samplers: a StreamBatchSampler's here."""
+        def set_epoch(loader: DataLoader) -> None:
+            if isinstance(loader.batch_sampler, StreamBatchSampler):
+                loader.batch_sampler.set_epoch(trainer.current_epoch)
+
+        apply_to_collection(trainer.train_dataloader, DataLoader, set_epoch)
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        optimizer = self.mlfop_optimizer(trainer)
-        name = stream_name(batch, self.stream_key, tuple(optimizer.streams), self.stream_names, "MLFOPFolding")
+        name = self.key.stream_of(batch, self.mlfop_optimizer(trainer).streams)
         count = self.tokens(batch) if self.tokens is not None else None
         if self.stream_key is not None and self.remove_key and isinstance(batch, MutableMapping):
             del batch[self.stream_key]

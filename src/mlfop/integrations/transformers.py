@@ -6,7 +6,7 @@ example carries its stream in a column (``"stream"`` by default)::
     from mlfop.integrations.transformers import MLFOPTrainer
 
     trainer = MLFOPTrainer(
-        model=model, args=TrainingArguments(..., weight_decay=0.1), train_dataset=dataset,
+        model=model, args=TrainingArguments(..., weight_decay=0.1), train_dataset=dataset,  # mixed streams
         optimizer_kwargs={"streams": ("image", "text")},
     )
     trainer.train()
@@ -19,6 +19,13 @@ What :class:`MLFOPTrainer` does:
   arguments of the optimizer (``streams``, ``levels``, ``heads``, ...) go in
   ``optimizer_kwargs``. A value given both ways is an error, so nothing is silently
   overridden. ``args.optim`` is not used.
+- **Data**: when the train dataset has the stream column, the train dataloader is built with
+  :class:`mlfop.data.StreamBatchSampler` (micro-batch size, accumulation steps, world size,
+  rank, seed and ``dataloader_drop_last`` from ``TrainingArguments``), so a mixed dataset
+  gives single-stream micro-batches in its stream proportions in every optimizer step, and
+  under DDP every process folds the same stream sequence over its own examples.
+  ``group_by_stream=False`` keeps Trainer's sampler, for data already in single-stream
+  micro-batches. Resume skips the trained micro-batches of the same deterministic sequence.
 - **Streams**: every micro-batch must come from one stream. The collator is wrapped in
   :class:`StreamCollator`, which takes the column out of the examples before the wrapped
   collator runs (the default collator drops strings) and puts one value back per batch. The
@@ -43,13 +50,16 @@ Importing this module imports ``transformers``. ``import mlfop`` never imports t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, default_data_collator
+from transformers.trainer_utils import seed_worker
 
-from mlfop.folding import UNTAGGED_STREAMS
-from mlfop.integrations._common import check_stream_names, loss_tokens, plain_value, stream_name
+from mlfop.data import StreamBatchSampler, plain_value, stream_column
+from mlfop.integrations.accelerate import prepare_stream_loader
+from mlfop.integrations.batch_streams import StreamKey, loss_tokens, unwrap_optimizer
 from mlfop.optim.mlfop_soap import MLFOPSOAP
 
 __all__ = ["MLFOPTrainer", "StreamCollator"]
@@ -139,6 +149,11 @@ class MLFOPTrainer(Trainer):
         stream_names (Mapping or Sequence or None): maps the column's values to the
             optimizer's stream names: ``{value: name}``, or a sequence indexed by integer ids.
             ``None``: values are names, or integer ids into the optimizer's ``streams``.
+        group_by_stream (bool): when the train dataset has the stream column, build the train
+            dataloader with :class:`mlfop.data.StreamBatchSampler` (default: True), so that a
+            mixed dataset gives single-stream micro-batches in its stream proportions in every
+            accumulation, with the same stream sequence on every process. ``False``: Trainer's
+            own sampler (then the data must already come in single-stream micro-batches).
         optimizer_kwargs (Mapping or None): more arguments of the optimizer, such as
             ``streams``, ``levels``, ``stream_weights``, ``heads`` (pass the model for head
             detection), ``precondition_frequency``. ``lr``, ``betas``, ``eps`` and
@@ -155,6 +170,7 @@ class MLFOPTrainer(Trainer):
         *args: Any,
         stream_column: str | None = "stream",
         stream_names: Mapping[Any, str] | Sequence[str] | None = None,
+        group_by_stream: bool = True,
         optimizer_kwargs: Mapping[str, Any] | None = None,
         optimizer_cls: type = MLFOPSOAP,
         **kwargs: Any,
@@ -166,9 +182,9 @@ class MLFOPTrainer(Trainer):
                 "optimizer arguments as optimizer_kwargs={...} (and a subclass as optimizer_cls) "
                 "instead of optimizer_cls_and_kwargs, whose param groups would override weight_decay"
             )
-        if stream_column is not None and (not isinstance(stream_column, str) or not stream_column):
-            raise TypeError(f"stream_column must be a non-empty string or None, got {stream_column!r}")
-        check_stream_names(stream_names)
+        self.stream_key = StreamKey(stream_column, stream_names, who="MLFOPTrainer", kind="column")
+        if not isinstance(group_by_stream, bool):
+            raise TypeError(f"group_by_stream must be True or False, got {group_by_stream!r}")
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, MLFOPSOAP)):
             raise TypeError(f"optimizer_cls must be mlfop.MLFOPSOAP or a subclass, got {optimizer_cls!r}")
         given = dict(optimizer_kwargs or {})
@@ -189,7 +205,7 @@ class MLFOPTrainer(Trainer):
         if optimizer_kwargs and optimizers is not None and optimizers[0] is not None:
             raise ValueError("optimizer_kwargs would be ignored: an optimizer was passed through optimizers=(...)")
         self.stream_column = stream_column
-        self.stream_names = stream_names
+        self.group_by_stream = group_by_stream
         self.mlfop_optimizer_kwargs = given
         self.mlfop_optimizer_cls = optimizer_cls
         super().__init__(*args, **kwargs)
@@ -214,8 +230,55 @@ class MLFOPTrainer(Trainer):
         if self.stream_column is not None and columns is not None and self.stream_column not in columns:
             columns.append(self.stream_column)
 
-    def _without_stream(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
-        return {key: value for key, value in inputs.items() if key != self.stream_column}
+    # -------------------------------------------------------------------------- data
+    def stream_batch_sampler(self) -> StreamBatchSampler | None:
+        """The train set's :class:`mlfop.data.StreamBatchSampler`, or ``None`` for Trainer's own sampler.
+
+        ``None`` with ``group_by_stream=False``, in an untagged run, for a dataset without
+        length, or without the stream column. Its arguments come from ``TrainingArguments``:
+        ``per_device_train_batch_size``, ``gradient_accumulation_steps``, the world size and
+        process index, ``data_seed`` (else ``seed``), ``dataloader_drop_last``, and
+        ``train_sampling_strategy`` ``"random"`` (shuffle) or ``"sequential"`` (no shuffle).
+        """
+        dataset, column = self.train_dataset, self.stream_column
+        if not self.group_by_stream or column is None or isinstance(dataset, torch.utils.data.IterableDataset):
+            return None
+        try:
+            streams = stream_column(dataset, column)
+        except (KeyError, TypeError):
+            return None
+        strategy = self.args.train_sampling_strategy
+        if strategy not in ("random", "sequential"):
+            raise ValueError(
+                f"train_sampling_strategy={strategy!r} cannot be combined with grouping the micro-batches by "
+                f"stream: use 'random' or 'sequential', or MLFOPTrainer(group_by_stream=False)"
+            )
+        args = self.args
+        return StreamBatchSampler(
+            streams, self._train_batch_size, accumulation_steps=args.gradient_accumulation_steps,
+            num_replicas=args.world_size, rank=args.process_index,
+            seed=args.seed if args.data_seed is None else args.data_seed,
+            shuffle=strategy == "random", drop_last=args.dataloader_drop_last,
+        )
+
+    def get_train_dataloader(self) -> Any:
+        """Trainer's train dataloader, batched by :meth:`stream_batch_sampler` when it gives a sampler."""
+        sampler = self.stream_batch_sampler()
+        if sampler is None:
+            return super().get_train_dataloader()
+        dataset, collator = self.train_dataset, self.data_collator
+        if hasattr(dataset, "column_names"):  # a datasets.Dataset: drop the columns the model does not take
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        args = self.args
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collator, num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        return prepare_stream_loader(self.accelerator, loader)
 
     # --------------------------------------------------------------------- optimizer
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -239,17 +302,12 @@ class MLFOPTrainer(Trainer):
 
     def mlfop_optimizer(self, required: bool = True) -> MLFOPSOAP | None:
         """The optimizer with ``fold()`` inside Trainer's wrappers (accelerate's ``AcceleratedOptimizer``)."""
-        optimizer = self.optimizer
-        while optimizer is not None and not hasattr(optimizer, "fold") and hasattr(optimizer, "optimizer"):
-            optimizer = optimizer.optimizer
-        if optimizer is None or not hasattr(optimizer, "fold"):
+        try:
+            return unwrap_optimizer(self.optimizer, "let MLFOPTrainer build it or pass one through optimizers=(...)")
+        except TypeError:
             if required:
-                raise TypeError(
-                    f"MLFOPTrainer needs an optimizer with fold() such as mlfop.MLFOPSOAP, got "
-                    f"{type(optimizer).__name__}; let MLFOPTrainer build it or pass one through optimizers=(...)"
-                )
+                raise
             return None
-        return optimizer
 
     # ---------------------------------------------------------------------- training
     def training_step(
@@ -260,9 +318,8 @@ class MLFOPTrainer(Trainer):
     ) -> torch.Tensor:
         """Trainer's forward and backward of one micro-batch, then the fold into its stream."""
         optimizer = self.mlfop_optimizer()
-        stream = self._stream_of(inputs, optimizer)
-        if self.stream_column is not None:
-            inputs = self._without_stream(inputs)
+        stream = self.stream_key.stream_of(inputs, optimizer.streams)
+        inputs = self.stream_key.without(inputs)
         tokens = None if num_items_in_batch is None else self._loss_tokens(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if tokens is None or tokens > 0:  # no loss token: this micro-batch added exactly nothing
@@ -271,17 +328,7 @@ class MLFOPTrainer(Trainer):
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """Trainer's evaluation step, without the stream column."""
-        if self.stream_column is not None:
-            inputs = self._without_stream(inputs)
-        return super().prediction_step(model, inputs, *args, **kwargs)
-
-    def _stream_of(self, inputs: Mapping[str, Any], optimizer: MLFOPSOAP) -> str | None:
-        """The optimizer's stream name for this micro-batch (``None`` in an untagged run)."""
-        names = tuple(optimizer.streams)
-        column = self.stream_column
-        if column is None or (column not in inputs and names == UNTAGGED_STREAMS):
-            return None
-        return stream_name(inputs, column, names, self.stream_names, "MLFOPTrainer", kind="column")
+        return super().prediction_step(model, self.stream_key.without(inputs), *args, **kwargs)
 
     def _loss_tokens(self, inputs: Mapping[str, Any]) -> int | None:
         """Loss tokens of the micro-batch, counted as Trainer counts ``num_items_in_batch``."""

@@ -25,6 +25,7 @@ from mlfop.functional.streams import (
     update_norm_ema,
 )
 from mlfop.head_layouts import resolve_head_layouts
+from mlfop.mixed_batches import fold_losses
 from mlfop.optim.block_state import BlockBatch, BlockTensors, layout_of, materialize_params, plan_batches, state_dtype
 from mlfop.optim.config import LEVELS, FOPConfig, FOPOptions, check_streams
 from mlfop.optim.soap import SOAP, SOAP_ARGS_DOC
@@ -247,6 +248,11 @@ class MLFOPSOAP(SOAP):
                 "zero_grad() and redo the accumulation before folding again"
             )
         self._folds.fold(stream, self._params(), tokens)
+
+    def fold_losses(self, losses: Mapping[str, Tensor], tokens: Mapping[str, float | Tensor] | None = None) -> None:
+        """Fold a micro-batch that mixes streams from its per-stream losses ``{stream: loss}``:
+        one backward and one fold per stream (:func:`mlfop.mixed_batches.fold_losses`)."""
+        fold_losses(self, losses, tokens)
 
     @property
     def accumulating(self) -> bool:
