@@ -8,7 +8,8 @@ and a basis ``basis_{i}``, all on the parameter's device, in its :func:`state_dt
 
 The step works on :class:`BlockBatch` es: the blocks of one param group that share a layout,
 dtype, device and step count, stacked along a leading axis so that one batched kernel serves
-them all. A batch of one block uses views of its state, so it costs no copy.
+them all. Their state lives in :class:`StateStacks`: each parameter's tensors are views of
+its batch's stacked storage, so a regular step copies no state in or out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "state_keys",
     "BlockTensors",
     "BlockBatch",
+    "StateStacks",
     "plan_batches",
     "MAX_BATCH_ELEMENTS",
 ]
@@ -124,6 +126,40 @@ class BlockTensors:
     bases: list[Tensor | None]
 
 
+class StateStacks:
+    """Persistent stacked storage of the batches' state: ``(B, ...)`` tensors whose slices the
+    parameters' state entries are views of.
+
+    A batch is bound once (one copy of its state into the stack); afterwards the stack is
+    valid as long as every state entry is still the view it was given. When one was replaced
+    (``load_state_dict``, a user's assignment) or the batch's members changed, the batch is
+    bound anew from the current values. Not part of the optimizer's state: rebuilt on demand.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, ...], tuple[dict[str, Tensor], list[int]]] = {}
+        self._owner: dict[int, tuple[int, ...]] = {}
+
+    def bind(self, params: Sequence[Tensor], states: Sequence[dict[str, Any]],
+             keys: Sequence[tuple[str, tuple[int, ...]]]) -> dict[str, Tensor]:
+        """The stacked state of ``params`` (their ``states``' ``keys``, viewed as the shapes)."""
+        members = tuple(id(p) for p in params)
+        entry = self._entries.get(members)
+        if entry is not None and [s[key].data_ptr() for key, _ in keys for s in states] == entry[1]:
+            return entry[0]
+        stacked = {key: torch.stack([s[key].reshape(shape) for s in states]) for key, shape in keys}
+        for key, _ in keys:
+            for b, state in enumerate(states):
+                state[key] = stacked[key][b].view(state[key].shape)
+        for member in members:
+            stale = self._owner.get(member)
+            if stale is not None and stale != members:
+                self._entries.pop(stale, None)
+            self._owner[member] = members
+        self._entries[members] = (stacked, [s[key].data_ptr() for key, _ in keys for s in states])
+        return stacked
+
+
 @dataclass
 class BlockBatch:
     """Same-shaped blocks of one param group that take the same step together."""
@@ -147,38 +183,25 @@ class BlockBatch:
         stacked = _stack([t.to(self.dtype) for t in tensors], self.block_shape)
         return stacked.contiguous()
 
-    def tensors(self) -> BlockTensors:
-        """The stacked state (views when the batch has one block)."""
+    def _keys(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Each state tensor of a block with its block-view shape."""
+        keys = [("exp_avg", self.block_shape), ("exp_avg_sq", self.block_shape)]
+        for prefix in ("factor", "basis"):
+            keys += [(f"{prefix}_{i}", (size, size)) for i, (size, rotated) in enumerate(zip(*self.layout)) if rotated]
+        return keys
+
+    def tensors(self, stacks: StateStacks) -> BlockTensors:
+        """The stacked state; for several blocks it lives in ``stacks`` and each parameter's state
+        holds views of it, so a step copies nothing in or out."""
+        if len(self.params) == 1:
+            stacked = {key: self.states[0][key].view(1, *shape) for key, shape in self._keys()}
+        else:
+            stacked = stacks.bind(self.params, self.states, self._keys())
 
         def per_dim(prefix: str) -> list[Tensor | None]:
-            return [
-                _stack([s[f"{prefix}_{i}"] for s in self.states], (size, size)) if rotated else None
-                for i, (size, rotated) in enumerate(zip(*self.layout))
-            ]
+            return [stacked[f"{prefix}_{i}"] if rotated else None for i, rotated in enumerate(self.layout[1])]
 
-        return BlockTensors(
-            _stack([s["exp_avg"] for s in self.states], self.block_shape),
-            _stack([s["exp_avg_sq"] for s in self.states], self.block_shape),
-            per_dim("factor"),
-            per_dim("basis"),
-        )
-
-    def write_back(self, tensors: BlockTensors, bases: bool) -> None:
-        """Copy the stacked state back into each parameter's (nothing to do for one block);
-        the bases only when they changed (``bases``)."""
-        if len(self.params) == 1:
-            return
-        targets, sources = [], []
-        for key, stacked in (("exp_avg", tensors.exp_avg), ("exp_avg_sq", tensors.exp_avg_sq)):
-            targets += [s[key].view(self.block_shape) for s in self.states]
-            sources += list(stacked.unbind(0))
-        kinds = (("factor", tensors.factors), ("basis", tensors.bases)) if bases else (("factor", tensors.factors),)
-        for prefix, stacks in kinds:
-            for i, stacked in enumerate(stacks):
-                if stacked is not None:
-                    targets += [s[f"{prefix}_{i}"] for s in self.states]
-                    sources += list(stacked.unbind(0))
-        torch._foreach_copy_(targets, sources)
+        return BlockTensors(stacked["exp_avg"], stacked["exp_avg_sq"], per_dim("factor"), per_dim("basis"))
 
     def advance_steps(self) -> None:
         """``step += 1`` on every parameter's counter (one multi-tensor op)."""

@@ -463,7 +463,7 @@ class MLFOPSOAP(SOAP):
     def _prepare(self, item: _Streams, weights: Tensor, finished: FinishedFolds) -> None:
         """Rotate the streams; the metric h (this step's SOAP denominator) and the FOP system."""
         config = item.batch.config
-        item.tensors = item.batch.tensors()
+        item.tensors = item.batch.tensors(self._stacks)
         item.rotated = rotate(item.streams, item.tensors.bases).contiguous()
         item.second_moment = stream_second_moment(item.rotated, weights, item.reach, item.order)
         item.h = soap_denominator(item.tensors.exp_avg_sq, item.second_moment, config.betas[1], config.eps)

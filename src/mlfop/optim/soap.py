@@ -16,6 +16,7 @@ from mlfop.functional.soap import soap_update_
 from mlfop.optim.block_state import (
     BlockBatch,
     BlockTensors,
+    StateStacks,
     check_param,
     layout_of,
     materialize_params,
@@ -150,6 +151,7 @@ class SOAP(torch.optim.Optimizer):
         self.skipped_steps = 0
         self.basis_failures = 0
         self._step_counts: dict[Tensor, int] = {}
+        self._stacks = StateStacks()
         torch.optim.Optimizer.__init__(self, materialize_params(params, type(self).__name__), config.to_group())
 
     # ----------------------------------------------------------------- groups and validation
@@ -177,6 +179,7 @@ class SOAP(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("basis_failures", 0)
+        self._stacks = StateStacks()
         self._read_step_counts()
 
     def _read_step_counts(self) -> None:
@@ -312,7 +315,7 @@ class SOAP(torch.optim.Optimizer):
             if batch.step == 0:
                 self._initialise(batch, statistics, stacked)
                 continue
-            tensors = batch.tensors()
+            tensors = batch.tensors(self._stacks)
             rotated = rotate(stacked, tensors.bases)
             self._update(batch, tensors, momentum_input=rotated, second_moment_input=rotated.square(),
                          factor_statistics=statistics)
@@ -397,7 +400,6 @@ class SOAP(torch.optim.Optimizer):
             normalize_grads=config.normalize_grads,
             update_scale=update_scale,
         )
-        batch.write_back(tensors, bases=batch.step % config.precondition_frequency == 0)
 
     def _accepts(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> bool:
         """Whether every gradient is finite and its squares fit the statistics' dtype (one host
@@ -405,9 +407,8 @@ class SOAP(torch.optim.Optimizer):
         if not work:
             return True
         grads = [grad for _, _, grad in work]
-        largest = torch._foreach_norm(grads, float("inf"))
-        # |g| < sqrt(max / numel) keeps every sum of squares of the tensor finite.
-        relative = torch._foreach_mul(largest, [1.0 / _overflow_bound(param) for _, param, _ in work])
+        # ||g||^2 < max keeps every sum of squares of the tensor finite (and NaN/Inf propagate).
+        relative = torch._foreach_mul(torch._foreach_norm(grads, 2), [1.0 / _overflow_bound(param) for _, param, _ in work])
         worst = torch.stack(relative).max() if len(relative) > 1 else relative[0]
         if bool(worst < 1.0):
             return True
@@ -435,6 +436,6 @@ class SOAP(torch.optim.Optimizer):
 
 
 def _overflow_bound(param: Tensor) -> float:
-    r"""The magnitude below which the squares of a gradient of ``param`` sum to a finite value
-    in the statistics' dtype: :math:`\sqrt{\max / n}`."""
-    return math.sqrt(torch.finfo(state_dtype(param)).max / max(1, param.numel()))
+    r"""The norm below which the squares of a gradient of ``param`` sum to a finite value in the
+    statistics' dtype: :math:`\sqrt{\max}`."""
+    return math.sqrt(torch.finfo(state_dtype(param)).max)
