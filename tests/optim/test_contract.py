@@ -1089,3 +1089,35 @@ def test_a_soap_checkpoint_loads_into_mlfopsoap_and_continues_as_soap(info):
     _assert_all_finite(resumed_params, resumed)
     if not info.folds:  # without folds ML-FOP-SOAP is SOAP: the resumed run is the straight one
         _assert_same(_snapshot(straight_params, straight), _snapshot(resumed_params, resumed))
+
+
+def test_bfloat16_moments_halve_them_keep_the_rest_wide_and_resume_bitwise(info):
+    kw = dict(lr=1e-2, max_precond_dim=12, precondition_frequency=3)
+    wide_params, narrow_params = _raw_params(), _raw_params()
+    wide = info.make(wide_params, **kw)
+    narrow = info.make(narrow_params, state_dtype=torch.bfloat16, **kw)
+    _run(wide_params, wide, 8)
+    _run(narrow_params, narrow, 8)
+    for p in narrow_params:
+        state = narrow.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert all(state[k].dtype == torch.float32 for k in state if k.startswith(("factor", "basis")))
+    moment_bytes = lambda o: sum(o.state[p][k].nbytes for p in o.state for k in ("exp_avg", "exp_avg_sq"))  # noqa: E731
+    assert 2 * moment_bytes(narrow) == moment_bytes(wide)
+    start = _raw_params()
+    moved = sum(float((p - q).norm()) for p, q in zip(wide_params, start))
+    gap = sum(float((p - q).norm()) for p, q in zip(narrow_params, wide_params))
+    assert 0 < gap < 0.05 * moved  # rounding of the moments, not another algorithm
+    saved = _saved_and_loaded(narrow.state_dict())
+    resumed_params = [nn.Parameter(p.detach().clone()) for p in narrow_params]
+    resumed = info.make(resumed_params, state_dtype="bfloat16", **kw)
+    resumed.load_state_dict(saved)
+    assert resumed.state[resumed_params[0]]["exp_avg"].dtype == torch.bfloat16
+    _run(narrow_params, narrow, 4, start=8)
+    _run(resumed_params, resumed, 4, start=8)
+    _assert_same(_snapshot(narrow_params, narrow), _snapshot(resumed_params, resumed))
+
+
+def test_a_bad_state_dtype_is_refused(info):
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        info.make(_raw_params(), state_dtype=torch.float16)

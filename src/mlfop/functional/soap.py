@@ -140,10 +140,11 @@ def adam_moments_(
     r""":math:`M \leftarrow \beta_1 M + (1-\beta_1) g`, :math:`V \leftarrow \beta_2 V + (1-\beta_2) s`.
 
     For SOAP :math:`g = \operatorname{rot}(G)` and :math:`s = g^2`; ML-FOP-SOAP passes the
-    combined stream gradient and the streams' squares.
+    combined stream gradient and the streams' squares. The moments may be of a narrower dtype
+    (bfloat16): the inputs are rounded to it.
     """
-    exp_avg.lerp_(momentum_input, 1.0 - beta1)
-    exp_avg_sq.lerp_(second_moment_input, 1.0 - beta2)
+    exp_avg.lerp_(momentum_input.to(exp_avg.dtype), 1.0 - beta1)
+    exp_avg_sq.lerp_(second_moment_input.to(exp_avg_sq.dtype), 1.0 - beta2)
 
 
 def soap_denominator(exp_avg_sq: Tensor, second_moment_input: Tensor | None, beta2: float, eps: float) -> Tensor:
@@ -207,7 +208,8 @@ def refresh_bases_(
     its direction; ``exp_avg`` is carried exactly into the new bases. A block whose QR fails
     (also in float64) keeps its previous basis and order along that dimension.
     """
-    momentum = unrotate(exp_avg, bases)
+    compute = next((b.dtype for b in bases if b is not None), exp_avg.dtype)
+    momentum = unrotate(exp_avg.to(compute), bases)
     failures = 0
     for dim, (factor, basis) in enumerate(zip(factors, bases)):
         if basis is None:
@@ -254,7 +256,8 @@ def soap_update_(
     basis refreshes failed (0 on steps without a refresh).
     """
     adam_moments_(exp_avg, exp_avg_sq, momentum_input, second_moment_input, beta1, beta2)
-    update = unrotate(exp_avg / soap_denominator(exp_avg_sq, None, beta2, eps), bases)
+    compute = momentum_input.dtype  # the statistics' dtype, also for bfloat16 moments
+    update = unrotate(exp_avg.to(compute) / soap_denominator(exp_avg_sq.to(compute), None, beta2, eps), bases)
     apply_update_(
         params,
         update,

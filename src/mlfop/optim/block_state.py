@@ -4,7 +4,8 @@ State of a parameter (plain tensors, so ``torch.load(weights_only=True)`` and
 ``torch.distributed.checkpoint`` read it): ``step`` (0-d float32 on the CPU, real steps taken;
 -1 while a first call saw only zeros), ``exp_avg`` (:math:`M`, eigenbasis) and ``exp_avg_sq``
 (:math:`V`), parameter-shaped, and per rotated block dimension ``i`` a factor ``factor_{i}``
-and a basis ``basis_{i}``, all on the parameter's device, in its :func:`state_dtype`.
+and a basis ``basis_{i}``, all on the parameter's device, in its :func:`state_dtype` (the
+moments in :func:`moment_dtype`: bfloat16 on request).
 
 The step works on :class:`BlockBatch` es: the blocks of one param group that share a layout,
 dtype, device and step count, stacked along a leading axis so that one batched kernel serves
@@ -27,6 +28,7 @@ from mlfop.functional.soap import ema_factors_, first_eigenbasis
 __all__ = [
     "Layout",
     "state_dtype",
+    "moment_dtype",
     "materialize_params",
     "check_param",
     "layout_of",
@@ -48,6 +50,12 @@ MAX_BATCH_ELEMENTS = 2**27
 def state_dtype(param: Tensor) -> torch.dtype:
     """Statistics are at least float32: float32 for (b)f16 parameters, float64 for float64."""
     return torch.promote_types(param.dtype, torch.float32)
+
+
+def moment_dtype(config: Any, param: Tensor) -> torch.dtype:
+    """The dtype of ``exp_avg`` and ``exp_avg_sq``: the group's ``state_dtype``, else the
+    statistics' (:func:`state_dtype`)."""
+    return getattr(torch, config.state_dtype) if config.state_dtype else state_dtype(param)
 
 
 def materialize_params(params: Any, owner: str) -> list[Any]:
@@ -231,8 +239,9 @@ class BlockBatch:
         for b, (param, state) in enumerate(zip(self.params, self.states)):
             state.clear()
             state["step"] = torch.tensor(0.0 if informative[b] else -1.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(param.shape, dtype=self.dtype, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=self.dtype, device=param.device)
+            moments = moment_dtype(self.config, param)
+            state["exp_avg"] = torch.zeros(param.shape, dtype=moments, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(param.shape, dtype=moments, device=param.device)
             for i, (factor, basis) in enumerate(zip(factors, bases)):
                 if factor is not None:
                     # Row-major, as after load_state_dict: strides steer matmul kernels' rounding.

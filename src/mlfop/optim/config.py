@@ -19,6 +19,8 @@ import torch
 __all__ = ["SOAPConfig", "FOPConfig", "FOPOptions", "DetailLevel", "NONFINITE_POLICIES", "LEVELS", "WEIGHT_MODES"]
 
 NONFINITE_POLICIES = ("skip", "raise")
+# The moments' dtype: None (the statistics' dtype, float32 at least) or bfloat16, which halves them.
+MOMENT_DTYPES = (None, "float32", "bfloat16")
 
 
 def _is_real(value: Any) -> bool:
@@ -71,6 +73,7 @@ class SOAPConfig:
     maximize: bool = False
     nonfinite: str = "skip"
     batched: bool = True
+    state_dtype: str | None = None
 
     def __post_init__(self) -> None:
         _check_number("lr", self.lr, low=0.0, low_inclusive=True)
@@ -93,6 +96,13 @@ class SOAPConfig:
         _check_int("max_precond_dim", self.max_precond_dim, low=0)
         for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias", "maximize", "batched"):
             _check_bool(name, getattr(self, name))
+        if isinstance(self.state_dtype, torch.dtype):  # kept as a name: param_groups hold plain values
+            object.__setattr__(self, "state_dtype", str(self.state_dtype).removeprefix("torch."))
+        if self.state_dtype not in MOMENT_DTYPES:
+            raise ValueError(
+                f"state_dtype must be one of {MOMENT_DTYPES} (or the torch dtype), got {self.state_dtype!r}; "
+                f"it sets the moments' dtype (the factors and bases stay float32)"
+            )
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
 

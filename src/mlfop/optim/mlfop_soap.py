@@ -196,6 +196,7 @@ class MLFOPSOAP(SOAP):
         maximize: bool = False,
         nonfinite: str = "skip",
         batched: bool = True,
+        state_dtype: torch.dtype | str | None = None,
         stream_weights: str | Mapping[str, float] = "tokens",
         levels: Iterable[str] = LEVELS,
         beta_max: float = 1.0,
@@ -466,7 +467,8 @@ class MLFOPSOAP(SOAP):
         item.tensors = item.batch.tensors(self._stacks)
         item.rotated = rotate(item.streams, item.tensors.bases).contiguous()
         item.second_moment = stream_second_moment(item.rotated, weights, item.reach, item.order)
-        item.h = soap_denominator(item.tensors.exp_avg_sq, item.second_moment, config.betas[1], config.eps)
+        item.h = soap_denominator(item.tensors.exp_avg_sq.to(item.batch.dtype), item.second_moment, config.betas[1],
+                                  config.eps)
         grams = stream_grams(_flat(item.rotated, 2), _flat(item.h, 1))
         item.system = fop_system(*grams, weights, config.eps_fop)
 

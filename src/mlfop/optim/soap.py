@@ -20,6 +20,7 @@ from mlfop.optim.block_state import (
     check_param,
     layout_of,
     materialize_params,
+    moment_dtype,
     plan_batches,
     state_dtype,
     state_keys,
@@ -57,6 +58,9 @@ SOAP_ARGS_DOC = r"""
             squares overflow) does: ``"skip"`` refuses the whole step (parameters and state
             untouched, ``skipped_steps`` incremented, one warning); ``"raise"`` raises
             ``FloatingPointError`` (default: "skip").
+        state_dtype (torch.dtype or str, optional): dtype of the moments ``exp_avg`` and
+            ``exp_avg_sq``: ``torch.bfloat16`` halves them (factors and bases stay float32, and
+            every update is computed in float32); ``None`` keeps the statistics' dtype (default: None).
         batched (bool, optional): step same-shaped blocks together in batched kernels; False
             steps one block at a time, which bounds the extra memory to one block's working
             set (default: True).
@@ -141,6 +145,7 @@ class SOAP(torch.optim.Optimizer):
         maximize: bool = False,
         nonfinite: str = "skip",
         batched: bool = True,
+        state_dtype: torch.dtype | str | None = None,
     ) -> None:
         # Every argument but params is a config field: validated and flattened in one place.
         config = SOAPConfig.from_group(locals())
@@ -226,9 +231,11 @@ class SOAP(torch.optim.Optimizer):
             group.pop(_GLOBAL_KEY, None)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
-        for pid, param in zip(saved_ids, params):
-            dtype = state_dtype(param)
+        configs = chain.from_iterable([self.config_class.trusted(g)] * len(g["params"]) for g in self.param_groups)
+        for pid, param, config in zip(saved_ids, params, configs):
+            wide, moments = state_dtype(param), moment_dtype(config, param)
             for key, value in saved.get(pid, {}).items():
+                dtype = moments if key in ("exp_avg", "exp_avg_sq") else wide
                 self.state[param][key] = value.to(device=param.device, dtype=dtype).contiguous()
             entry = self.state.get(param)
             if entry and "step" in entry:
