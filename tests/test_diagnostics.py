@@ -12,7 +12,8 @@ from mlfop.functional.fop import SystemTotals, combine_block, fop_system, stream
 def _batch(seed):
     gen = torch.Generator().manual_seed(seed)
     flat = torch.randn(2, 2, 12, generator=gen, dtype=torch.float64)
-    flat[1, 1] = -flat[1, 0]  # block 1's streams point apart
+    flat[0, 1] = flat[0, 0] + 0.1 * flat[0, 1]  # block 0: the streams agree
+    flat[1, 1] = -flat[1, 0]  # block 1: they point apart
     h = torch.rand(2, 12, generator=gen, dtype=torch.float64) + 0.5
     weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
     system = fop_system(*stream_grams(flat, h), weights, 0.0)
