@@ -242,6 +242,19 @@ class StreamFolds:
                 "micro-batch's backward(); folding twice would count the same gradient twice"
             )
         self._commit_pending_norms()
+        self._add_micro_gradients(k, with_grad)
+        counts.micro_batches[k] += 1
+        counts.last_stream = k
+        counts.tokens_given = token_count is not None
+        if token_count is not None:
+            counts.tokens[k] += token_count
+        # Weak references: a gradient replaced by a new tensor must not be mistaken for the old
+        # one whose id it may reuse, and no old gradient is kept alive.
+        self._grad_versions = [(weakref.ref(p.grad), p.grad._version) for p in with_grad]
+
+    def _add_micro_gradients(self, k: int, with_grad: list[Tensor]) -> None:
+        """:math:`S_k \\leftarrow S_k + (\\texttt{p.grad} - \\sum_j S_j)` for every parameter, as
+        multi-tensor operations; with the noise estimate the micro-gradients' norms are kept."""
         for param in with_grad:
             if param not in self._buffers:
                 dtype = torch.promote_types(param.dtype, torch.float32)
@@ -255,19 +268,11 @@ class StreamFolds:
             micro = torch._foreach_sub(grads, totals)
             self._pending_norms = self._micro_norms(with_grad, micro)
             torch._foreach_add_(own, micro)
-        else:
-            torch._foreach_copy_(own, grads)
-            for j in range(len(self.names)):
-                if j != k:
-                    torch._foreach_sub_(own, [b[j] for b in buffers])
-        counts.micro_batches[k] += 1
-        counts.last_stream = k
-        counts.tokens_given = token_count is not None
-        if token_count is not None:
-            counts.tokens[k] += token_count
-        # Weak references: a gradient replaced by a new tensor must not be mistaken for the old
-        # one whose id it may reuse, and no old gradient is kept alive.
-        self._grad_versions = [(weakref.ref(p.grad), p.grad._version) for p in with_grad]
+            return
+        torch._foreach_copy_(own, grads)  # S_k = p.grad - sum_{j != k} S_j
+        for j in range(len(self.names)):
+            if j != k:
+                torch._foreach_sub_(own, [b[j] for b in buffers])
 
     def _unchanged_since_last_fold(self, with_grad: list[Tensor]) -> bool:
         """Whether every gradient is the tensor of the previous fold, not modified since (its
