@@ -29,12 +29,20 @@ def _mask(shape: torch.Size) -> torch.Tensor:
 class TwoStreamMLFOPSOAP(mlfop.MLFOPSOAP):
     """``MLFOPSOAP`` that folds each step's gradient as two disagreeing streams before stepping."""
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        if closure is None:
+            self._fold_as_two_streams()
+            return super().step()
+
+        def folded() -> Any:  # the closure's backward fills p.grad, then the folds
+            loss = closure()
+            self._fold_as_two_streams()
+            return loss
+
+        return super().step(folded)
+
+    @torch.no_grad()
+    def _fold_as_two_streams(self) -> None:
         params = [p for group in self.param_groups for p in group["params"]]
         grads = {p: p.grad for p in params if p.grad is not None}
         if grads and not any(g.is_sparse for g in grads.values()):
@@ -45,8 +53,6 @@ class TwoStreamMLFOPSOAP(mlfop.MLFOPSOAP):
             for param, grad in grads.items():
                 param.grad.add_(grad - param.grad)
             self.fold("text")
-        super().step()
-        return loss
 
 
 @dataclass(frozen=True)
