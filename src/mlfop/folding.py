@@ -343,15 +343,17 @@ class StreamFolds:
         present = self.present()
         sums = [self.sums(p, present) for p, _ in folded]
         grad_sq = _sum_sq(_norms([g for _, g in grads]))
-        streams_sq = _sum_sq(_norms(sums))
-        largest = _norms([s[i] for s in sums for i in range(len(present))], float("inf"))
+        stream_norms = _norms([s[i] for s in sums for i in range(len(present))])  # a stream reaches where > 0
+        streams_sq = _sum_sq(stream_norms)
         sums_sq, residuals = self._rescale_pass(folded, sums)
         scale = rescale_factor(grad_sq.to(streams_sq.device), sums_sq)
         residual_sq = _sum_sq([*residuals(scale), *_norms([g for p, g in grads if p not in self._buffers])])
         mismatch = rescale_mismatch(residual_sq.to(scale.device), grad_sq.to(scale.device), streams_sq, scale, len(present))
         if reducer is not None:
             mismatch = reducer.any(mismatch.double()) > 0
-        flags = torch.cat([mismatch.view(1).double(), (torch.stack(largest) > 0).double()]) if largest else mismatch.view(1).double()
+        flags = mismatch.view(1).double()
+        if stream_norms:
+            flags = torch.cat([flags, (torch.stack(stream_norms) > 0).double()])
         read = flags.tolist()
         if read[0]:
             residual, total = float(residual_sq.sqrt()), float(grad_sq.sqrt())
