@@ -23,7 +23,8 @@ def _records(folder):
 
 
 def _without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("seconds_to_")} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith(("seconds_to_", "cpu_seconds_to_"))}
+            for r in records]
 
 
 def _check_folder(folder, optimizers, streams, out):
@@ -104,7 +105,8 @@ def test_other_seed_other_metrics(reference_run, tmp_path):
 
 
 @pytest.mark.parametrize("killed_at", [2, 6])  # mlfop's step 2 (no checkpoint yet) or 6 (one at 4)
-def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch):
+def test_ctrl_c_says_how_to_resume_and_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch,
+                                                                  capsys):
     calls = {"n": 0}
     real_step = mlfop.bench.loop._step
 
@@ -115,8 +117,12 @@ def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeyp
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(mlfop.bench.loop, "_step", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         main(["run", *RESUME, "--output", str(tmp_path / "run")])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mlfop-bench: interrupted; {tmp_path / 'run.partial'} is resumable: "
+        f"mlfop-bench run --resume --output {tmp_path / 'run'}")
     monkeypatch.setattr(mlfop.bench.loop, "_step", real_step)
     assert not (tmp_path / "run").exists() and (tmp_path / "run.partial" / "metrics.jsonl").is_file()
     assert main(["run", "--resume", "--output", str(tmp_path / "run")]) == 0
@@ -134,10 +140,12 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
                  str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown in capsys.readouterr().out
-    rows = {line.split(" | ")[3]: line for line in markdown.splitlines() if line.startswith("| ")}
+    sweep = markdown.split("## ")[1]
+    rows = {line.split(" | ")[3]: line for line in sweep.splitlines() if line.startswith("| emu3")}
     assert " | 2 | " in rows["adamw"] and " ± " in rows["adamw"]
     assert " | 1 | " in rows["mlfop"] and " ± " not in rows["mlfop"]
-    assert matplotlib.image.imread(tmp_path / "report" / "curves.png").ndim == 3
+    assert "## Seeds at the chosen rates" in markdown and "## Stability" in markdown
+    assert matplotlib.image.imread(tmp_path / "report" / "curves-emu3-32.png").ndim == 3
 
 
 def test_report_takes_the_chosen_optimizers_of_a_folder(reference_run, tmp_path, capsys):
