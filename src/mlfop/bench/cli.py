@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError, RunConfig, load_config_file
+from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError, RunConfig, config_from, load_config_file
 from mlfop.bench.report import check_report_input, write_report
 from mlfop.bench.runfolder import RunFolder, check_output, partial_path
 from mlfop.bench.runner import run_benchmark
@@ -146,9 +146,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         return RunConfig(**values).validate()
     values = load_config_file(args.config) if args.config else {}
     values.update(flags)
-    if values.get("train_samples") and "steps" in values:
-        raise BenchError("give either steps or train_samples (which sets the steps), not both")
-    config = RunConfig(**values)
+    config = config_from(values)
     if not config.output:
         config.output = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.tokenizer}"
     config.validate()

@@ -23,7 +23,8 @@ from mlfop.bench.models import MODELS, ModelConfig
 from mlfop.bench.tokenizers import TOKENIZERS
 
 __all__ = ["BenchError", "RunConfig", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
-           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "OPTIMIZER_OPTIONS", "load_config_file"]
+           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "OPTIMIZER_OPTIONS", "read_table", "coerce_config",
+           "config_from", "load_config_file"]
 
 OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")
 # Starting points from the feasibility probe (batch 1024): AdamW 3e-3, SOAP 1e-2; Muon's 0.02 is
@@ -113,10 +114,6 @@ class RunConfig:
 
     def learning_rates(self, optimizer: str) -> tuple[float, ...]:
         return tuple(self.lrs.get(optimizer, (DEFAULT_LRS[optimizer],)))
-
-    def options_of(self, optimizer: str) -> dict[str, Any]:
-        """The config keys ``optimizer`` reads of :data:`OPTIMIZER_OPTIONS`, with their values."""
-        return {k: getattr(self, k) for k, readers in OPTIMIZER_OPTIONS.items() if optimizer in readers}
 
     def micro_batches(self) -> dict[str, int]:
         """Micro-batches per stream in one step, by the ``mix`` ratio (largest remainder, >= 1 each)."""
@@ -239,13 +236,13 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """The keys of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against the fields."""
+def read_table(path: str, what: str = "config file") -> dict[str, Any]:
+    """The top-level table of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file."""
     file = Path(path)
     if not file.is_file():
-        raise BenchError(f"config file {path!r} not found")
+        raise BenchError(f"{what} {path!r} not found")
     if file.suffix not in (".toml", ".yaml", ".yml"):
-        raise BenchError(f"config file {path!r}: accepted formats: .toml, .yaml, .yml")
+        raise BenchError(f"{what} {path!r}: accepted formats: .toml, .yaml, .yml")
     try:
         if file.suffix == ".toml":
             with file.open("rb") as handle:
@@ -255,12 +252,31 @@ def load_config_file(path: str) -> dict[str, Any]:
 
             values = yaml.safe_load(file.read_text()) or {}
     except Exception as error:  # a parse error of either format, reported as one line
-        raise BenchError(f"config file {path!r} is not valid: {' '.join(str(error).split())}") from None
+        raise BenchError(f"{what} {path!r} is not valid: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
-        raise BenchError(f"config file {path!r}: expected a table of keys")
+        raise BenchError(f"{what} {path!r}: expected a table of keys")
+    return values
+
+
+def coerce_config(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (RunConfig keys, as a TOML or YAML table holds them) in the fields' types;
+    ``where`` names their source in the error of an unknown key."""
     defaults = RunConfig()
     accepted = [f.name for f in dataclasses.fields(RunConfig)]
     unknown = [key for key in values if key not in accepted]
     if unknown:
-        raise BenchError(f"unknown config key {unknown[0]!r} in {path}; accepted: {', '.join(accepted)}")
+        raise BenchError(f"unknown config key {unknown[0]!r} in {where}; accepted: {', '.join(accepted)}")
     return {key: _coerce(key, value, getattr(defaults, key)) for key, value in values.items()}
+
+
+def config_from(values: dict[str, Any]) -> RunConfig:
+    """The (unvalidated) RunConfig of the given keys, e.g. a config file's merged with flags:
+    ``steps`` and ``train_samples`` (which sets the steps) exclude each other."""
+    if values.get("train_samples") and "steps" in values:
+        raise BenchError("give either steps or train_samples (which sets the steps), not both")
+    return RunConfig(**values)
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """The keys of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against the fields."""
+    return coerce_config(read_table(path), path)
