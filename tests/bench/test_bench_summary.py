@@ -2,8 +2,8 @@
 rate of each sweep and the stability over rates."""
 
 from mlfop.bench.config import RunConfig
-from mlfop.bench.summary import (aggregate, best_rate_table, best_rates, group_label, markdown_table, most_seeded,
-                                 setting, stability_table)
+from mlfop.bench.summary import (aggregate, best_rate_table, best_rates, claims_table, group_label, markdown_table,
+                                 most_seeded, setting, stability_table)
 
 
 def _final(optimizer, seed, steps, gen_nll, lr=1e-2, flags=(), adamw_lr=None, **changes):
@@ -110,3 +110,23 @@ def test_stability_is_the_largest_rate_no_seed_diverged_or_stalled_at():
     assert "| none (AdamW 0.003) | 0.02: diverged |" in muon
     no_high = _rows(stability_table(aggregate(finals[:5])))[0]
     assert no_high.endswith("| 0.003 | 0.01: stalled_und 1/2 |")
+
+
+def test_claims_compare_each_row_with_the_best_adamw_and_muon_of_its_setting():
+    def scored(fd, und_acc, *args, **changes):
+        return _final(*args, **changes) | {"fd": fd, "und_acc": und_acc}
+
+    finals = [scored(500.0, 0.70, "adamw", s, 40, 3.0 + s / 10, betas=(0.9, 0.95)) for s in (0, 1)]
+    finals += [scored(100.0, 0.90, "adamw", s, 80, 3.0, betas=(0.9, 0.999)) for s in (0, 1)]
+    finals += [scored(400.0, 0.75, "muon", s, 20, 2.9, lr=0.02, adamw_lr=3e-3) for s in (0, 1)]
+    finals += [scored(300.0, 0.80, "mlfop", 0, 10, 2.8), scored(300.0, None, "mlfop", 1, None, 2.6)]
+    # another setting, where no AdamW row reaches the target: the lower losses decide; no Muon row
+    finals += [scored(200.0, 0.5, "adamw", 0, None, g, lr=lr, text_stream=True) for lr, g in ((1e-3, 3.5), (3e-3, 3.2))]
+    finals += [scored(50.0, 0.6, "soap", 0, 30, 2.7, text_stream=True)]
+    adamw, _, muon, mlfop, _, _, soap = _rows(claims_table(aggregate(finals)))
+    # the references are the fastest rows (betas 0.9, 0.95; not the one with the better FD)
+    assert adamw.endswith("| 1.00 | 1.00 | 1.00 | +0.000 | +0.000 | 2.00 | 2.00 | 1.25 | -0.050 | +0.150 |")
+    assert muon.endswith("| 0.50 | 0.50 | 0.80 | +0.050 | -0.150 | 1.00 | 1.00 | 1.00 | +0.000 | +0.000 |")
+    # one seed short of the target: no samples ratio; accuracy of one seed only: no difference
+    assert mlfop.endswith("| 0.01 | 2 | — | — | 0.60 | — | -0.350 | — | — | 0.75 | — | -0.200 |")
+    assert soap.endswith("| soap | 0.01 | 1 | — | — | 0.25 | +0.100 | -0.500 |" + " — |" * 5)

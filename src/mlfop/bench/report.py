@@ -3,9 +3,11 @@
 A ``DIR`` is a run folder or a folder holding run folders at any depth (a study's root, see
 ``benchmarks/study.py``); unfinished (``.partial``) folders are skipped and counted. The report
 (``report.md``) holds the sweep table (every optimizer at every rate), the best rate of each
-sweep, the seed table (the rates with the most seeds, when more than one), the stability table,
-held-out curves per model and batch, and per-layer heterogeneity figures for the runs with
-probe records (``--probe-every``). Times to target are computed from each run's held-out
+sweep, the seed table (the rates with the most seeds, when more than one), the claims table
+(those rows against the best AdamW and Muon rows: ratios of samples, CPU seconds and Fréchet
+distance, differences of accuracy and gen NLL), the stability table, held-out curves per model
+and batch, and per-layer heterogeneity figures for the runs with probe records
+(``--probe-every``). Times to target are computed from each run's held-out
 curve, for the targets the runs were given or for ``--targets``.
 """
 
@@ -22,8 +24,8 @@ from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError
 from mlfop.bench.metrics import time_to_targets
 from mlfop.bench.plots import plot_aggregate, plot_heterogeneity
 from mlfop.bench.runfolder import RunFolder
-from mlfop.bench.summary import (aggregate, best_rate_table, group_label, markdown_table, most_seeded, setting,
-                                 stability_table)
+from mlfop.bench.summary import (aggregate, best_rate_table, claims_table, group_label, markdown_table, most_seeded,
+                                 setting, stability_table)
 
 __all__ = ["parse_source", "run_folders", "check_report_input", "load_finals", "write_report"]
 
@@ -137,6 +139,10 @@ def write_report(sources: list[str], output: str, targets: dict[str, float] | No
             best_rate_table(rows),
             "",
             *(["## Seeds at the chosen rates", "", markdown_table(seeded, targets), ""] if seeded else []),
+            "## Against AdamW and Muon (the paper's claims)",
+            "",
+            claims_table(seeded or chosen),
+            "",
             "## Stability",
             "",
             stability_table(rows),
