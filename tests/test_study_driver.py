@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlfop.bench import cli
-from mlfop.bench.config import RunConfig
+from mlfop.bench.config import BenchError, RunConfig
 from mlfop.bench.runfolder import folder_state
 from mlfop.bench.summary import setting
 
@@ -137,3 +137,15 @@ def test_the_study_plans_of_the_repository_are_valid_and_run_no_job_twice(study,
             key = json.dumps({k: v for k, v in wanted.items() if k != "output"}, sort_keys=True)
             assert key not in seen, f"{path.name} {job.name} repeats {seen.get(key)}"
             seen[key] = f"{path.name} {job.name}"
+
+
+def test_a_finished_folder_of_another_configuration_is_an_error(study, tmp_path):
+    plan = study.Plan(_plan(tmp_path, '[contenders.a]\noptimizer = "adamw"\nlrs = [1e-2]\n'))
+    job = plan.sweep()[0]
+    folder = plan.folder(job)
+    folder.mkdir(parents=True)
+    held = json.loads(json.dumps(plan.config(job).validate().to_dict())) | {"micro_batch": 2}
+    (folder / "config.json").write_text(json.dumps(held))
+    (folder / "metrics.jsonl").write_text("")
+    with pytest.raises(BenchError, match=r"holds a run of another configuration \(micro_batch differ\)"):
+        study.Study(plan).pending()
