@@ -29,9 +29,9 @@ def test_reference_lines_match_the_research_note():
 
 
 def test_time_to_targets_and_flags():
-    evals = [{"step": 0, "train_seconds": 0.0, "train_cpu_seconds": 0.0, "gen_nll": 4.0, "und_nll": 2.4, "und_acc": 0.1},
-             {"step": 10, "train_seconds": 5.0, "train_cpu_seconds": 4.0, "gen_nll": 3.0, "und_nll": 2.3, "und_acc": 0.15},
-             {"step": 20, "train_seconds": 9.0, "train_cpu_seconds": 8.5, "gen_nll": 2.0, "und_nll": 2.2, "und_acc": 0.5}]
+    keys = ("step", "train_seconds", "train_cpu_seconds", "gen_nll", "und_nll", "und_acc")
+    evals = [dict(zip(keys, values)) for values in ((0, 0.0, 0.0, 4.0, 2.4, 0.1), (10, 5.0, 4.0, 3.0, 2.3, 0.15),
+                                                    (20, 9.0, 8.5, 2.0, 2.2, 0.5))]
     reached = time_to_targets(evals, {"gen_nll": 3.0, "und_acc": 0.5}, batch=64)
     assert reached == {"steps_to_gen_nll": 10, "samples_to_gen_nll": 640, "seconds_to_gen_nll": 5.0,
                        "cpu_seconds_to_gen_nll": 4.0, "steps_to_und_acc": 20, "samples_to_und_acc": 1280,

@@ -164,7 +164,16 @@ def _lead(row: dict, varying: list[str]) -> list[str]:
 
 def _head(varying: list[str], *titles: str) -> list[str]:
     columns = ["model", "tokenizer", "batch", *(["setting"] if varying else []), "optimizer", *titles]
-    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return [_row(columns), "|" + "---|" * len(columns)]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(lines: list[str], note: str) -> str:
+    """The table's lines, then its note after an empty line."""
+    return "\n".join([*lines, "", note])
 
 
 def _flags(runs: list[dict]) -> str:
@@ -194,14 +203,12 @@ def markdown_table(rows: list[dict[str, Any]], targets: dict[str, float]) -> str
                  _cell([r.get("steps_to_all") for r in runs], 0), _cell([r.get("samples_to_all") for r in runs], 0),
                  _cell([r.get("cpu_seconds_to_all") for r in runs], 1), *ratios,
                  _cell([r["train_cpu_seconds"] / max(r["step"], 1) for r in runs], 2), _flags(runs)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(_row(cells))
     wanted = ", ".join(f"{k} {'≥' if METRICS[k] else '≤'} {v:g}" for k, v in targets.items())
-    lines.append("")
-    lines.append(f"Target: {wanted or 'none'} (held-out, checked at every evaluation); samples: training sequences "
-                 "(steps × batch). CPU s: the process's CPU time in training (evaluations excluded) on a CPU "
-                 "machine, not GPU speed; compare rows run under the same load. Ratios: samples (CPU seconds) to "
-                 "the target over those of the best AdamW row of the same setting; below 1 is faster.")
-    return "\n".join(lines)
+    return _table(lines, f"Target: {wanted or 'none'} (held-out, checked at every evaluation); samples: training "
+                  "sequences (steps × batch). CPU s: the process's CPU time in training (evaluations excluded) on a "
+                  "CPU machine, not GPU speed; compare rows run under the same load. Ratios: samples (CPU seconds) "
+                  "to the target over those of the best AdamW row of the same setting; below 1 is faster.")
 
 
 # (title, record key, how a row's value compares with the reference's: "ratio" or "difference")
@@ -212,8 +219,8 @@ REFERENCES = ("adamw", "muon")
 
 def claims_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: each row against the best AdamW and the best Muon row of its setting (up to
-    optimizer options; best: fewest mean samples to the targets, then the lowest losses), in the terms of the paper's
-    claims: samples and CPU seconds to the targets and the Fréchet distance as ratios (0.80: 20%
+    optimizer options; best: fewest mean samples to the targets, then the lowest losses), in the
+    terms of the paper's claims: samples and CPU seconds to the targets and the Fréchet distance as ratios (0.80: 20%
     fewer), understanding accuracy and gen NLL as differences of the means over seeds."""
     varying = _varying(rows)
     names = {"adamw": "AdamW", "muon": "Muon"}
@@ -233,15 +240,13 @@ def claims_table(rows: list[dict[str, Any]]) -> str:
                     cells.append("—")
                 else:
                     cells.append(f"{mine / theirs:.2f}" if how == "ratio" else f"{mine - theirs:+.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("References: of each setting (up to optimizer options), the AdamW row (any betas) and the Muon row "
-                 "(any rates and options) with the fewest mean samples to the targets, then the lowest final gen "
-                 "NLL + answer NLL; — where there is none or a value is missing (a seed short of the target, no "
-                 "samples drawn). Ratios below 1 and accuracy above 0 favour the row; the paper claims, against "
-                 "AdamW, 1.4x samples (0.71), 1.5x wall-clock (0.67; CPU seconds here), FID -20% (FD 0.80), text "
-                 "accuracy +4.3% (und acc +0.043).")
-    return "\n".join(lines)
+        lines.append(_row(cells))
+    return _table(lines, "References: of each setting (up to optimizer options), the AdamW row (any betas) and the "
+                  "Muon row (any rates and options) with the fewest mean samples to the targets, then the lowest "
+                  "final gen NLL + answer NLL; — where there is none or a value is missing (a seed short of the "
+                  "target, no samples drawn). Ratios below 1 and accuracy above 0 favour the row; the paper claims, "
+                  "against AdamW, 1.4x samples (0.71), 1.5x wall-clock (0.67; CPU seconds here), FID -20% (FD "
+                  "0.80), text accuracy +4.3% (und acc +0.043).")
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -291,12 +296,10 @@ def best_rate_table(rows: list[dict[str, Any]]) -> str:
         run = next(r for r in best["runs"] if r["seed"] == seed)
         cells = [*_lead(best, varying), rates, _rate(best), edge, _cell([run.get("samples_to_all")], 0),
                  _cell([run.get("gen_nll")], 3), _cell([run.get("und_nll")], 3)]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Best: fewest samples to the target, then lowest final gen NLL + answer NLL, on the sweep's seed "
-                 "(its smallest). At an edge: the best rate is the lowest or highest tried, so the sweep should be "
-                 "widened on that side.")
-    return "\n".join(lines)
+        lines.append(_row(cells))
+    return _table(lines, "Best: fewest samples to the target, then lowest final gen NLL + answer NLL, on the sweep's "
+                  "seed (its smallest). At an edge: the best rate is the lowest or highest tried, so the sweep "
+                  "should be widened on that side.")
 
 
 # -------------------------------------------------------------------------- stability
@@ -326,9 +329,7 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
                  "; ".join(f"{row['lr']:g}: {outcome}" for row, outcome in outcomes),
                  ("none" if largest is None else f"{largest:g}") + part,
                  "—" if above is None else f"{above[0]['lr']:g}: {above[1]}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that ended "
-                 "above its start) or stalled (a task's final held-out NLL not clearly below its prior). Clip 0: "
-                 "no gradient clipping.")
-    return "\n".join(lines)
+        lines.append(_row(cells))
+    return _table(lines, "Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
+                  "ended above its start) or stalled (a task's final held-out NLL not clearly below its prior). "
+                  "Clip 0: no gradient clipping.")
