@@ -57,6 +57,31 @@ def test_bad_budget_and_stability_options(argv, expected, capsys, tmp_path):
     _fails(["run", *without_steps, *argv, "--output", str(tmp_path / "out")], capsys, tmp_path, *expected)
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["--stream-weights", "fixed"], ("'fixed' equals 'tokens' here", "loss_weighting token")),
+    (["--stream-weights", "balanced", "--levels", "layer", "head"], ("without the global level",)),
+])
+def test_stream_weights_that_change_nothing(argv, expected, capsys, tmp_path):
+    _fails(["run", *TINY, *argv, "--output", str(tmp_path / "out")], capsys, tmp_path, *expected)
+    for changed in (["--loss-weighting", "token"], ["--fold-tokens"], ["--optimizers", "adamw"]):  # these are fine
+        config = RunConfig(**dict(_run_config(argv + changed).items()))
+        assert config.validate().stream_weights == argv[1]
+
+
+def _run_config(argv):
+    """The config keys of ``mlfop-bench run`` flags (argv: flag, value, ...; a lone flag is True)."""
+    keys, index = {}, 0
+    while index < len(argv):
+        name, values = argv[index][2:].replace("-", "_"), []
+        index += 1
+        while index < len(argv) and not argv[index].startswith("--"):
+            values.append(argv[index])
+            index += 1
+        keys[name] = True if not values else values[0] if len(values) == 1 else tuple(values)
+    return {**keys, "optimizers": (keys["optimizers"],) if isinstance(keys.get("optimizers"), str) else keys.get(
+        "optimizers", ("mlfop",))}
+
+
 def test_unwritable_output(capsys, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -198,7 +198,22 @@ class RunConfig:
             raise BenchError(f"betas: two numbers in [0, 1), got {self.betas!r}")
         if not _is_number(self.diverge_factor) or not (self.diverge_factor == 0 or 1 < self.diverge_factor < math.inf):
             raise BenchError(f"diverge_factor: 0 (never stop) or a finite number above 1, got {self.diverge_factor!r}")
+        self._check_stream_weights()
         return self
+
+    def _check_stream_weights(self) -> None:
+        """Refuse stream weights that would change nothing: without the global level (the weights
+        belong to it), and ``fixed`` where the natural weights are already equal (task weighting,
+        folds without token counts, equal micro-batch counts per stream)."""
+        if "mlfop" not in self.optimizers or self.stream_weights == "tokens":
+            return
+        if "global" not in self.levels:
+            raise BenchError(f"stream_weights {self.stream_weights!r} without the global level changes nothing (the "
+                             f"weights belong to it); accepted: levels with global, or stream_weights tokens")
+        counts = set(self.micro_batches().values())
+        if self.stream_weights == "fixed" and self.loss_weighting == "task" and not self.fold_tokens and len(counts) == 1:
+            raise BenchError("stream_weights 'fixed' equals 'tokens' here (task weighting, the same micro-batch count "
+                             "for every stream); accepted: loss_weighting token, fold_tokens, or an uneven mix")
 
 
 def _is_number(value: Any) -> bool:

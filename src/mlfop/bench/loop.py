@@ -80,15 +80,9 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
     schedulers = [LambdaLR(optimizer, schedule) for optimizer in contender.optimizers]
     probe = StreamProbe([(n, p) for n, p in model.named_parameters() if p.requires_grad], plan.shares)
     state = folder.load_checkpoint(spec.name) if resume else None
-    if state is None:
-        progress = {"step": 0, "clock": {"train_seconds": 0.0, "train_cpu_seconds": 0.0}, "evals": [],
-                    "first_losses": None, "stopped": None}
-    else:
-        model.load_state_dict(state["model"])
-        for part, saved in zip([*contender.optimizers, *schedulers], state["optimizers"] + state["schedulers"]):
-            part.load_state_dict(saved)
-        contender.route.load_state_dict(state["route"])
-        progress = state["progress"]
+    progress = _restore(state, model, contender, schedulers) if state is not None else {
+        "step": 0, "clock": {"train_seconds": 0.0, "train_cpu_seconds": 0.0}, "evals": [], "first_losses": None,
+        "stopped": None}
     step, clock, evals = progress["step"], progress["clock"], progress["evals"]
     # a killed attempt's records and events after the checkpoint (all of them without one) are redone
     folder.discard_after(spec.name, step if state is not None else -1)
@@ -123,14 +117,30 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
                 evals.append(_evaluate(model, data, config, spec, step, clock, folder))
                 _log(writer, "eval", evals[-1])
                 progress["step"] = step
-                folder.save_checkpoint(spec.name, {
-                    "model": model.state_dict(), "optimizers": [o.state_dict() for o in contender.optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers], "route": contender.route.state_dict(),
-                    "progress": progress})
+                folder.save_checkpoint(spec.name, _checkpoint(model, contender, schedulers, progress))
     finally:  # also on Ctrl-C: the bar ends its line, the events are flushed
         bar.close()
         writer.close()
     return _final(spec, config, model, refs, evals, clock, step, progress["stopped"], folder)
+
+
+def _checkpoint(model: TinyModel, contender: Contender, schedulers: list[LambdaLR], progress: dict[str, Any]
+                ) -> dict[str, Any]:
+    """Everything a resumed run needs: the model, optimizers, schedules, route and ``progress``
+    (step, clocks, evaluations so far, first losses, why it stopped)."""
+    return {"model": model.state_dict(), "optimizers": [o.state_dict() for o in contender.optimizers],
+            "schedulers": [s.state_dict() for s in schedulers], "route": contender.route.state_dict(),
+            "progress": progress}
+
+
+def _restore(state: dict[str, Any], model: TinyModel, contender: Contender, schedulers: list[LambdaLR]
+             ) -> dict[str, Any]:
+    """Load a :func:`_checkpoint` into the run's parts; returns its ``progress``."""
+    model.load_state_dict(state["model"])
+    for part, saved in zip([*contender.optimizers, *schedulers], state["optimizers"] + state["schedulers"]):
+        part.load_state_dict(saved)
+    contender.route.load_state_dict(state["route"])
+    return state["progress"]
 
 
 def _step(model: TinyModel, data: DigitsData, plan: StepPlan, contender: Contender, seed: int, step: int,
