@@ -99,8 +99,8 @@ def _pairs(kind: type):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mlfop-bench", description="Train tiny Emu3/Janus on digits with AdamW, SOAP, "
-                     "ML-FOP-SOAP and UPGrad; compare them.")
+    parser = _Parser(prog="mlfop-bench", description="Train tiny Emu3/Janus on digits with AdamW, SOAP, Muon, "
+                     "ML-FOP-SOAP, UPGrad and FAMO; compare them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="train and compare (no arguments: the default benchmark)")
     run.add_argument("--config", help="TOML or YAML file of RunConfig keys (flags override it)")

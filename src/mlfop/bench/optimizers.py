@@ -143,6 +143,7 @@ class FAMORoute(StreamBuffers):
         super().__init__(params, streams)
         self.shares = torch.tensor([shares[k] for k in streams])
         self.famo = FAMO(len(streams), lr=lr, weight_decay=weight_decay)
+        self.weights: dict[str, float] = {}  # FAMO's task weights z_k of the last step
 
     def combine(self, jacobian: Tensor, losses: dict[str, float]) -> Tensor:
         values = torch.tensor([losses[k] for k in self.streams], requires_grad=True)
