@@ -3,6 +3,7 @@
 import pytest
 
 from mlfop.bench.cli import main
+from mlfop.bench.config import RunConfig
 
 TINY = ["--steps", "2", "--batch", "8", "--micro-batch", "4", "--samples", "0", "--tokenizer", "pix8"]
 
@@ -27,6 +28,8 @@ def _fails(argv, capsys, tmp_path, *expected):
     ("--targets", "bleu=1", ("bleu", "gen_nll", "und_acc")),
     ("--lrs", "lion=1e-3", ("lion", "adamw", "mlfop")),
     ("--levels", "block", ("block", "global", "layer", "head")),
+    ("--muon-adjust-lr", "rms", ("rms", "original", "match_rms_adamw")),
+    ("--optimizers", "lion", ("lion", "muon", "famo")),
 ])
 def test_unknown_names(flag, value, accepted, capsys, tmp_path):
     _fails(["run", *TINY, flag, value, "--output", str(tmp_path / "out")], capsys, tmp_path, *accepted)
@@ -40,6 +43,32 @@ def test_micro_batch_must_divide_batch(capsys, tmp_path):
 @pytest.mark.parametrize("steps", ["0", "-3"])
 def test_non_positive_steps(steps, capsys, tmp_path):
     _fails(["run", *TINY, "--steps", steps, "--output", str(tmp_path / "out")], capsys, tmp_path, "steps")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--train-samples", "100", "--batch", "64", "--micro-batch", "32"], ("not a multiple of batch 64", "64 or 128")),
+    (["--train-samples", "640", "--steps", "3"], ("steps or train_samples",)),
+    (["--batch", "4096", "--micro-batch", "2048"], ("exceeds the 1437 training images",)),
+    (["--diverge-factor", "0.5"], ("diverge_factor",)),
+    (["--lrs", "muon=-1"], ("lrs for muon",)),
+    (["--muon-adamw-lrs", "0"], ("muon_adamw_lrs",)),
+])
+def test_bad_budget_and_stability_options(argv, expected, capsys, tmp_path):
+    without_steps = TINY[2:]
+    _fails(["run", *without_steps, *argv, "--output", str(tmp_path / "out")], capsys, tmp_path, *expected)
+
+
+@pytest.mark.parametrize("argv, expected, fine", [
+    (["--stream-weights", "fixed"], ("'fixed' equals 'tokens' here", "loss_weighting token"),
+     [{"loss_weighting": "token"}, {"fold_tokens": True}, {"text_stream": True, "batch": 20}, {"optimizers": ("soap",)}]),
+    (["--stream-weights", "balanced", "--levels", "layer", "head"], ("without the global level",),
+     [{"levels": ("global", "head")}, {"stream_weights": "tokens"}]),
+])
+def test_stream_weights_that_change_nothing(argv, expected, fine, capsys, tmp_path):
+    _fails(["run", *TINY, *argv, "--output", str(tmp_path / "out")], capsys, tmp_path, *expected)
+    asked = {"stream_weights": argv[1], "levels": tuple(argv[3:]) or RunConfig().levels, "batch": 8, "micro_batch": 4}
+    for changes in fine:  # one change makes each a setting where the weights matter (or nobody reads them)
+        RunConfig(**{**asked, **changes}).validate()
 
 
 def test_unwritable_output(capsys, tmp_path):

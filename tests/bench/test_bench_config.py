@@ -26,11 +26,23 @@ def test_toml_and_yaml_sweeps_with_flags_on_top(tmp_path):
                      "adamw-lr0.001-s1", "adamw-lr0.003-s1", "soap-lr0.01-s1", "mlfop-lr0.01-s1"]
 
 
+def test_sample_budget_sets_the_steps_and_muon_sweeps_both_rates(tmp_path):
+    config = _config(tmp_path, "--train-samples", "4096", "--batch", "1024", "--optimizers", "muon", "adamw",
+                     "--lrs", "muon=0.01,0.02", "--muon-adamw-lrs", "1e-3", "3e-3")
+    assert config.steps == 4 and config.train_samples == 4096
+    assert [spec.name for spec in run_specs(config)] == [
+        "muon-lr0.01-adamw0.001-s0", "muon-lr0.01-adamw0.003-s0", "muon-lr0.02-adamw0.001-s0",
+        "muon-lr0.02-adamw0.003-s0", "adamw-lr0.003-s0"]
+
+
 def test_flags(tmp_path):
     config = _config(tmp_path, "--optimizers", "mlfop", "--levels", "global", "--lrs", "mlfop=2e-3,4e-3",
-                     "--targets", "fd=300", "--no-augment", "--text-stream")
+                     "--targets", "fd=300", "--no-augment", "--text-stream", "--no-stream-statistics",
+                     "--no-noise-shrinkage", "--stream-weights", "balanced", "--clip", "0", "--probe-every", "5")
     assert config.levels == ("global",) and config.lrs == {"mlfop": (2e-3, 4e-3)}
     assert config.targets == {"fd": 300.0} and not config.augment and config.streams == ("gen", "und", "text")
+    assert (config.stream_statistics, config.noise_shrinkage, config.stream_weights) == (False, False, "balanced")
+    assert (config.clip, config.probe_every) == (0.0, 5)
 
 
 @pytest.mark.parametrize("batch, micro, text, mix, expected", [

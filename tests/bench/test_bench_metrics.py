@@ -6,6 +6,7 @@ import numpy as np
 from scipy import linalg
 
 from mlfop.bench.data import DigitsData, load_split
+from mlfop.bench.loop import divergence
 from mlfop.bench.metrics import frechet_distance, references, run_flags, time_to_targets
 from mlfop.bench.tokenizers import Pix8
 
@@ -28,15 +29,36 @@ def test_reference_lines_match_the_research_note():
 
 
 def test_time_to_targets_and_flags():
-    evals = [{"step": 0, "train_seconds": 0.0, "gen_nll": 4.0, "und_nll": 2.4, "und_acc": 0.1},
-             {"step": 10, "train_seconds": 5.0, "gen_nll": 3.0, "und_nll": 2.3, "und_acc": 0.15},
-             {"step": 20, "train_seconds": 9.0, "gen_nll": 2.0, "und_nll": 2.2, "und_acc": 0.5}]
-    reached = time_to_targets(evals, {"gen_nll": 3.0, "und_acc": 0.5})
-    assert reached == {"steps_to_gen_nll": 10, "seconds_to_gen_nll": 5.0, "steps_to_und_acc": 20,
-                       "seconds_to_und_acc": 9.0, "steps_to_all": 20, "seconds_to_all": 9.0}
+    keys = ("step", "train_seconds", "train_cpu_seconds", "gen_nll", "und_nll", "und_acc")
+    evals = [dict(zip(keys, values)) for values in ((0, 0.0, 0.0, 4.0, 2.4, 0.1), (10, 5.0, 4.0, 3.0, 2.3, 0.15),
+                                                    (20, 9.0, 8.5, 2.0, 2.2, 0.5))]
+    reached = time_to_targets(evals, {"gen_nll": 3.0, "und_acc": 0.5}, batch=64)
+    assert reached == {"steps_to_gen_nll": 10, "samples_to_gen_nll": 640, "seconds_to_gen_nll": 5.0,
+                       "cpu_seconds_to_gen_nll": 4.0, "steps_to_und_acc": 20, "samples_to_und_acc": 1280,
+                       "seconds_to_und_acc": 9.0, "cpu_seconds_to_und_acc": 8.5, "steps_to_all": 20,
+                       "samples_to_all": 1280, "seconds_to_all": 9.0, "cpu_seconds_to_all": 8.5}
     refs = {"gen_prior_nll": 3.4, "und_prior_nll": 2.3}
-    assert run_flags(evals, refs, nonfinite=False) == {"diverged": False, "stalled_gen": False, "stalled_und": False}
+    assert run_flags(evals, refs, stopped=None) == {"diverged": False, "divergence": None, "stalled_gen": False,
+                                                    "stalled_und": False}
     stuck = evals[:2]
-    assert run_flags(stuck, refs, nonfinite=False)["stalled_und"]
-    assert run_flags(evals, refs, nonfinite=True)["diverged"]
-    assert time_to_targets(evals, {"und_acc": 0.9})["steps_to_all"] is None
+    assert run_flags(stuck, refs, stopped=None)["stalled_und"]
+    assert run_flags(evals, refs, stopped="exploded") | {"stalled_gen": None} == {
+        "diverged": True, "divergence": "exploded", "stalled_gen": None, "stalled_und": False}
+    assert time_to_targets(evals, {"und_acc": 0.9}, batch=64)["samples_to_all"] is None
+
+
+def test_held_out_loss_above_its_start_or_not_finite_is_divergence_and_a_stall():
+    start = {"step": 0, "gen_nll": 4.0, "und_nll": 2.4, "und_acc": 0.1}
+    refs = {"gen_prior_nll": 3.4, "und_prior_nll": 2.3}
+    grew = run_flags([start, {**start, "step": 5, "gen_nll": 2.0, "und_nll": 2.5}], refs, stopped=None)
+    assert grew["divergence"] == "heldout_grew" and not grew["stalled_gen"] and grew["stalled_und"]
+    broken = run_flags([start, {**start, "gen_nll": math.nan, "und_nll": math.inf, "und_acc": 0.1}], refs, None)
+    assert broken["diverged"] and broken["stalled_gen"] and broken["stalled_und"]
+
+
+def test_divergence_of_a_step():
+    first = {"loss_gen": 4.0, "loss_und": 4.5}
+    assert divergence({"loss_gen": 7.9, "loss_und": 1.0}, first, factor=2.0) is None
+    assert divergence({"loss_gen": 8.1, "loss_und": 1.0}, first, factor=2.0) == "exploded"
+    assert divergence({"loss_gen": 80.0, "loss_und": 1.0}, first, factor=0) is None
+    assert divergence({"loss_gen": math.nan, "loss_und": 1.0}, first, factor=0) == "nonfinite"

@@ -1,9 +1,21 @@
-"""The gradient routes: UPGrad's aggregation through torchjd and ML-FOP-SOAP's folding."""
+"""The contenders: UPGrad's aggregation and FAMO's weighting through torchjd, ML-FOP-SOAP's
+folding, Muon's split of the parameters."""
 
+import io
+
+import pytest
 import torch
 
 from mlfop.bench.config import RunConfig
-from mlfop.bench.optimizers import build_optimizer
+from mlfop.bench.models import ModelConfig, build_model
+from mlfop.bench.optimizers import build_contender
+
+HALF = {"gen": 0.5, "und": 0.5, "text": 0.5}
+
+
+def build_optimizer(name, model, lr, config, shares=HALF):
+    contender = build_contender(name, model, lr, config, shares)
+    return contender.optimizers[0], contender.route
 
 
 class _Model(torch.nn.Module):
@@ -21,11 +33,11 @@ class _Model(torch.nn.Module):
         return [self.param]
 
 
-def _accumulate(route, param, grads):
+def _accumulate(route, param, grads, losses=None):
     for stream, grad in grads:
         (param * grad).sum().backward()
         route.after_backward(stream, tokens=4)
-    route.finish()
+    route.finish(losses or {})
 
 
 def test_upgrad_without_conflict_is_the_sum():
@@ -77,3 +89,68 @@ def test_mlfop_stream_shares_follow_the_objective_unless_fold_tokens():
     for config, expected in ((RunConfig(), 0.5), (RunConfig(loss_weighting="token"), 16 / 17),
                              (RunConfig(fold_tokens=True), 16 / 17)):
         assert abs(_fold_steps(config, grads)["weights_gen"] - expected) < 1e-9
+
+
+def test_famo_steps_along_its_weighted_stream_gradients_and_learns_from_the_remeasured_losses():
+    model = _Model(2)
+    param = model.param
+    shares = {"gen": 0.25, "und": 0.75}
+    optimizer, route = build_optimizer("famo", model, 1e-3, RunConfig(), shares)
+    grad_gen, grad_und = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])  # grad L_k
+    losses = {"gen": 2.0, "und": 0.5}
+    # the buffers hold grad(c_k L_k); equal initial weights z: alpha_k = (1 / L_k) / sum_j (1 / L_j)
+    _accumulate(route, param, [("gen", shares["gen"] * grad_gen), ("und", shares["und"] * grad_und)], losses)
+    alpha = {k: (1 / v) / (1 / 2.0 + 1 / 0.5) for k, v in losses.items()}
+    assert torch.allclose(param.grad, alpha["gen"] * grad_gen + alpha["und"] * grad_und, atol=1e-6)
+    assert route.diagnostics()["famo_weight_gen"] == pytest.approx(0.5)
+    # after the step generation improved a lot and understanding not at all: understanding gains weight
+    route.after_step(lambda: {"gen": 1.0, "und": 0.5})
+    optimizer.zero_grad()
+    _accumulate(route, param, [("gen", shares["gen"] * grad_gen), ("und", shares["und"] * grad_und)], losses)
+    weights = route.diagnostics()
+    assert weights["famo_weight_und"] > 0.5 > weights["famo_weight_gen"]
+    assert weights["famo_weight_gen"] + weights["famo_weight_und"] == pytest.approx(1.0)
+
+
+def test_famo_state_resumes_exactly():
+    def run(steps, resume_from=None):
+        model = _Model(2)
+        _, route = build_optimizer("famo", model, 1e-3, RunConfig())
+        if resume_from is not None:
+            route.load_state_dict(torch.load(resume_from, weights_only=False))
+        for step in steps:
+            _accumulate(route, model.param, [("gen", torch.ones(2)), ("und", torch.ones(2))],
+                        {"gen": 2.0 - 0.1 * step, "und": 1.0})
+            route.after_step(lambda: {"gen": 1.9 - 0.1 * step, "und": 0.99})
+            model.param.grad = None
+        return route
+
+    whole = run(range(4)).diagnostics()
+    buffer = io.BytesIO()
+    torch.save(run(range(2)).state_dict(), buffer)
+    buffer.seek(0)
+    assert run(range(2, 4), resume_from=buffer).diagnostics() == whole
+
+
+@pytest.mark.parametrize("name", ["emu3", "janus"])
+def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(name):
+    torch.manual_seed(0)
+    model = build_model(name, ModelConfig(hidden=16, layers=1, heads=2, mlp=32), codes=8, tokens=64)
+    config = RunConfig(muon_adjust_lr="match_rms_adamw", muon_weight_decay=0.05, muon_ns_steps=3)
+    contender = build_contender("muon", model, 0.02, config, HALF, adamw_lr=4e-3)
+    muon, adamw = contender.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    inner = {id(p) for group in muon.param_groups for p in group["params"]}
+    outer = {id(p) for group in adamw.param_groups for p in group["params"]}
+    assert not inner & outer and inner | outer == {id(p) for p in model.trainable_parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(".layers." in names[i] or "aligner" in names[i] or "proj_out" in names[i] for i in inner)
+    heads = [model.hf.lm_head.weight, model.hf.get_input_embeddings().weight]
+    if name == "janus":
+        heads.append(model.hf.model.generation_head.vision_head.weight)
+    assert all(id(p) in outer for p in heads)
+    assert any(".layers.0.self_attn.q_proj" in names[i] for i in inner)
+    group = muon.param_groups[0]
+    assert (group["lr"], group["adjust_lr_fn"], group["weight_decay"], group["ns_steps"]) == (
+        0.02, "match_rms_adamw", 0.05, 3)
+    assert adamw.param_groups[0]["lr"] == 4e-3

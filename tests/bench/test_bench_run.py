@@ -14,7 +14,9 @@ from mlfop.bench.tokenizers import load_tokenizer
 
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64", "--batch", "32", "--micro-batch", "8",
         "--steps", "8", "--eval-every", "4", "--samples", "100", "--threads", "1"]
-LRS = ["--lrs", "adamw=1e-2", "--lrs", "upgrad=1e-2", "--lrs", "soap=1e-2", "--lrs", "mlfop=1e-2"]
+LRS = ["--lrs", "adamw=1e-2", "--lrs", "upgrad=1e-2", "--lrs", "soap=1e-2", "--lrs", "mlfop=1e-2", "--lrs", "muon=2e-2",
+       "--muon-adamw-lrs", "1e-2", "--lrs", "famo=1e-2"]
+EVERY = ["adamw", "soap", "mlfop", "upgrad", "muon", "famo"]
 TIMING = ("train_seconds", "train_cpu_seconds", "seconds_per_step")
 
 
@@ -23,7 +25,8 @@ def _records(folder):
 
 
 def _without_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith("seconds_to_")} for r in records]
+    return [{k: v for k, v in r.items() if k not in TIMING and not k.startswith(("seconds_to_", "cpu_seconds_to_"))}
+            for r in records]
 
 
 def _check_folder(folder, optimizers, streams, out):
@@ -60,7 +63,7 @@ def _check_folder(folder, optimizers, streams, out):
 
 
 def test_smoke_emu3_every_optimizer(tmp_path, capsys):
-    optimizers = ["adamw", "soap", "mlfop", "upgrad"]
+    optimizers = EVERY
     assert main(["run", *TINY, *LRS, "--model", "emu3", "--tokenizer", "km64", "--optimizers", *optimizers,
                  "--output", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
@@ -71,7 +74,7 @@ def test_smoke_emu3_every_optimizer(tmp_path, capsys):
 
 
 def test_smoke_janus_three_streams(tmp_path, capsys):
-    optimizers = ["adamw", "soap", "mlfop", "upgrad"]
+    optimizers = EVERY
     assert main(["run", *TINY, *LRS, "--model", "janus", "--tokenizer", "pix8", "--text-stream", "--batch", "48",
                  "--optimizers", *optimizers, "--output", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
@@ -82,7 +85,7 @@ def test_smoke_janus_three_streams(tmp_path, capsys):
     assert all("text_nll" in r for r in records if r["kind"] == "eval")
 
 
-RESUME = [*TINY, "--model", "emu3", "--tokenizer", "pix8", "--optimizers", "adamw", "mlfop"]
+RESUME = [*TINY, "--model", "emu3", "--tokenizer", "pix8", "--optimizers", "adamw", "mlfop", "--probe-every", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +107,8 @@ def test_other_seed_other_metrics(reference_run, tmp_path):
 
 
 @pytest.mark.parametrize("killed_at", [2, 6])  # mlfop's step 2 (no checkpoint yet) or 6 (one at 4)
-def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch):
+def test_ctrl_c_says_how_to_resume_and_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch,
+                                                                  capsys):
     calls = {"n": 0}
     real_step = mlfop.bench.loop._step
 
@@ -115,8 +119,12 @@ def test_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeyp
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(mlfop.bench.loop, "_step", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         main(["run", *RESUME, "--output", str(tmp_path / "run")])
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"mlfop-bench: interrupted; {tmp_path / 'run.partial'} is resumable: "
+        f"mlfop-bench run --resume --output {tmp_path / 'run'}")
     monkeypatch.setattr(mlfop.bench.loop, "_step", real_step)
     assert not (tmp_path / "run").exists() and (tmp_path / "run.partial" / "metrics.jsonl").is_file()
     assert main(["run", "--resume", "--output", str(tmp_path / "run")]) == 0
@@ -134,10 +142,28 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
                  str(tmp_path / "report")]) == 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown in capsys.readouterr().out
-    rows = {line.split(" | ")[3]: line for line in markdown.splitlines() if line.startswith("| ")}
+    sweep = markdown.split("## ")[1]
+    rows = {line.split(" | ")[3]: line for line in sweep.splitlines() if line.startswith("| emu3")}
     assert " | 2 | " in rows["adamw"] and " ± " in rows["adamw"]
     assert " | 1 | " in rows["mlfop"] and " ± " not in rows["mlfop"]
-    assert matplotlib.image.imread(tmp_path / "report" / "curves.png").ndim == 3
+    assert "## Seeds at the chosen rates" in markdown and "## Stability" in markdown
+    assert matplotlib.image.imread(tmp_path / "report" / "curves-emu3-32.png").ndim == 3
+    probes = [r for r in _records(reference_run) if r["kind"] == "probe"]
+    assert [r["step"] for r in probes if r["run"].startswith("adamw")] == [1, 4, 8]
+    assert {"model.layers.0", "lm_head"} <= set(probes[0]["layers"]) and -1 <= probes[0]["cos"] <= 1
+    assert "## Gradient heterogeneity per layer" in markdown
+    assert matplotlib.image.imread(tmp_path / "report" / "heterogeneity-1.png").ndim == 3
+
+
+def test_a_diverging_run_stops_and_is_flagged(tmp_path, capsys):
+    assert main(["run", *TINY, "--tokenizer", "pix8", "--optimizers", "adamw", "--lrs", "adamw=30", "--clip", "0",
+                 "--diverge-factor", "1.5", "--output", str(tmp_path / "run")]) == 0
+    records = _records(tmp_path / "run")
+    final = next(r for r in records if r["kind"] == "final")
+    assert final["diverged"] and final["divergence"] in ("exploded", "nonfinite")
+    assert final["diverged_step"] == final["step"] < 8
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, final["step"] + 1))
+    assert "diverged (" in capsys.readouterr().out
 
 
 def test_report_takes_the_chosen_optimizers_of_a_folder(reference_run, tmp_path, capsys):

@@ -2,22 +2,25 @@
 
 Every ``run`` option is a field of :class:`mlfop.bench.config.RunConfig`; precedence is
 defaults < ``--config FILE`` (TOML or YAML) < command-line flags. Bad input is one line on
-stderr and exit code 2, checked before anything is written.
+stderr and exit code 2, checked before anything is written. Ctrl-C (or SIGTERM) stops a run
+with one line saying whether its folder is resumable and how (exit code 130).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mlfop.bench.config import BenchError, RunConfig, check_output, load_config_file, partial_path
+from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError, RunConfig, config_from, load_config_file
 from mlfop.bench.report import check_report_input, write_report
-from mlfop.bench.runfolder import RunFolder
+from mlfop.bench.runfolder import RunFolder, check_output, partial_path
 from mlfop.bench.runner import run_benchmark
 
 __all__ = ["main"]
@@ -25,11 +28,12 @@ __all__ = ["main"]
 _HELP = {
     "model": "emu3 or janus",
     "tokenizer": "km64 (2x2 k-means, 16 tokens) or pix8 (per pixel, 64 tokens)",
-    "optimizers": "any of adamw soap mlfop upgrad",
-    "lrs": "learning rates of one optimizer, e.g. --lrs soap=3e-3,1e-2 (repeatable; a sweep)",
+    "optimizers": f"any of {' '.join(OPTIMIZERS)}",
+    "lrs": "learning rates of one optimizer, e.g. --lrs soap=3e-3,1e-2 (repeatable; a sweep; muon: its Muon part)",
     "batch": "sequences per optimizer step",
     "micro_batch": "sequences per forward/backward (must divide --batch)",
     "steps": "optimizer steps per run",
+    "train_samples": "budget in training sequences, a multiple of --batch; sets the steps (instead of --steps)",
     "seeds": "one run per seed",
     "targets": "held-out target, e.g. --targets gen_nll=3.0 --targets und_acc=0.7 (repeatable)",
     "threads": "torch CPU threads",
@@ -43,12 +47,24 @@ _HELP = {
     "warmup_fraction": "share of steps of linear warm-up",
     "min_lr_fraction": "cosine decay floor, as a fraction of the peak LR",
     "clip": "gradient-norm clip (0: none)",
-    "betas": "beta1 beta2 of every optimizer",
-    "weight_decay": "decoupled weight decay of every optimizer",
+    "diverge_factor": "stop a run as diverged when a stream's train loss exceeds this times its first (0: never; "
+                      "non-finite losses always stop it)",
+    "probe_every": "steps between per-layer gen/und gradient heterogeneity probes (0: none)",
+    "betas": "beta1 beta2 of every Adam-type optimizer (muon: its AdamW part)",
+    "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon: its AdamW part)",
     "levels": "ML-FOP-SOAP levels, any of global layer head (ablation)",
     "stream_weights": "ML-FOP-SOAP stream weights: tokens, fixed or balanced",
     "fold_tokens": "ML-FOP-SOAP: pass loss-token counts to fold() even when the objective weights streams "
                    "by micro-batches (then a stream's folded gradient is no longer grad L_k)",
+    "stream_statistics": "ML-FOP-SOAP: Kronecker factors from the streams (--no-stream-statistics: from the "
+                         "shared component)",
+    "noise_shrinkage": "ML-FOP-SOAP: shrink each correction by its sampling-noise share",
+    "muon_adamw_lrs": "learning rates of Muon's AdamW part (embeddings, heads, 1-D); a sweep axis",
+    "muon_adjust_lr": "torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw",
+    "muon_weight_decay": "weight decay of Muon's Muon part",
+    "muon_ns_steps": "Newton-Schulz iterations of Muon",
+    "famo_lr": "FAMO: learning rate of its task-weight logits",
+    "famo_weight_decay": "FAMO: weight decay of its task-weight logits",
     "hidden": "trunk width",
     "layers": "trunk layers",
     "heads": "attention heads",
@@ -83,8 +99,8 @@ def _pairs(kind: type):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mlfop-bench", description="Train tiny Emu3/Janus on digits with AdamW, SOAP, "
-                     "ML-FOP-SOAP and UPGrad; compare them.")
+    parser = _Parser(prog="mlfop-bench", description="Train tiny Emu3/Janus on digits with AdamW, SOAP, Muon, "
+                     "ML-FOP-SOAP, UPGrad and FAMO; compare them.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="train and compare (no arguments: the default benchmark)")
     run.add_argument("--config", help="TOML or YAML file of RunConfig keys (flags override it)")
@@ -104,8 +120,12 @@ def _parser() -> argparse.ArgumentParser:
         run.add_argument(flag, dest=field.name, **options)
     report = commands.add_parser("report", help="aggregate run folders over seeds")
     report.add_argument("directories", nargs="+", metavar="DIR[:OPT,...]",
-                        help="run folders; DIR:adamw,soap takes only those optimizers' runs from DIR")
+                        help="run folders, or folders holding them (a study's root); DIR:adamw,soap takes only "
+                             "those optimizers' runs")
     report.add_argument("--output", default="mlfop-report", help="report folder (default: mlfop-report)")
+    report.add_argument("--targets", action="append", type=_pairs(float), metavar="KEY=VALUE",
+                        help="held-out targets for the time-to-target columns, e.g. --targets gen_nll=2.5 "
+                             f"(repeatable; {', '.join(METRICS)}; default: those the runs were given)")
     return parser
 
 
@@ -126,7 +146,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         return RunConfig(**values).validate()
     values = load_config_file(args.config) if args.config else {}
     values.update(flags)
-    config = RunConfig(**values)
+    config = config_from(values)
     if not config.output:
         config.output = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{config.model}-{config.tokenizer}"
     config.validate()
@@ -144,17 +164,45 @@ def _from_json(value: Any) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mlfop-bench``; returns the exit code (2 on bad input)."""
+    """Entry point of ``mlfop-bench``; returns the exit code (2 on bad input, 130 when interrupted)."""
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         if args.command == "run":
-            run_benchmark(_run_config(args), resume=args.resume)
+            config = _run_config(args)
+            try:
+                run_benchmark(config, resume=args.resume)
+            except KeyboardInterrupt:
+                _stopped(Path(config.output))
         else:
-            check_report_input(args.directories, args.output)
-            print(write_report(args.directories, args.output))
+            targets = dict(args.targets) if args.targets else None
+            check_report_input(args.directories, args.output, targets)
+            try:
+                print(write_report(args.directories, args.output, targets))
+            except KeyboardInterrupt:
+                _stopped(None)
     except BenchError as error:
         _fail(str(error))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def _stopped(output: Path | None) -> NoReturn:
+    """One line on what an interrupt left, then exit code 130."""
+    if output is None:
+        message = "interrupted; no report written"
+    elif (partial_path(output) / "config.json").is_file():
+        message = (f"interrupted; {partial_path(output)} is resumable: "
+                   f"mlfop-bench run --resume --output {shlex.quote(str(output))}")
+    else:
+        message = "interrupted before the run started (nothing worth keeping); run the same command again"
+    print(f"mlfop-bench: {message}", file=sys.stderr)
+    raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +18,33 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser from PyPI
     import tomli as tomllib
 
+from mlfop.bench.data import TRAIN_SIZE
 from mlfop.bench.models import MODELS, ModelConfig
 from mlfop.bench.tokenizers import TOKENIZERS
 
 __all__ = ["BenchError", "RunConfig", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
-           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "load_config_file", "check_output",
-           "partial_path"]
+           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "OPTIMIZER_OPTIONS", "read_table", "coerce_config",
+           "config_from", "load_config_file"]
 
-OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad")
-# Starting points from the feasibility probe (batch 1024): AdamW 3e-3, SOAP 1e-2.
-DEFAULT_LRS = {"adamw": 3e-3, "soap": 1e-2, "mlfop": 1e-2, "upgrad": 3e-3}
+OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")
+# Starting points from the feasibility probe (batch 1024): AdamW 3e-3, SOAP 1e-2; Muon's 0.02 is
+# the usual rate of its "original" learning-rate adjustment.
+DEFAULT_LRS = {"adamw": 3e-3, "soap": 1e-2, "mlfop": 1e-2, "upgrad": 3e-3, "muon": 2e-2, "famo": 3e-3}
 # Held-out metrics a target may name, with True where larger is better.
 METRICS = {"gen_nll": False, "und_nll": False, "und_acc": True, "fd": False, "text_nll": False}
 STREAMS = ("gen", "und", "text")
 LEVELS = ("global", "layer", "head")
 STREAM_WEIGHTS = ("tokens", "fixed", "balanced")
 LOSS_WEIGHTINGS = ("task", "token")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+_ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")  # muon: its AdamW part
+# The config keys that only some optimizers read (everything else shapes every run alike).
+OPTIMIZER_OPTIONS = {
+    "betas": _ADAM_TYPE, "weight_decay": _ADAM_TYPE,
+    **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage"), ("mlfop",)),
+    **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), ("muon",)),
+    **dict.fromkeys(("famo_lr", "famo_weight_decay"), ("famo",)),
+}
 
 
 class BenchError(ValueError):
@@ -57,6 +67,7 @@ class RunConfig:
     batch: int = 1024  # sequences per optimizer step, all streams together
     micro_batch: int = 64  # sequences per forward/backward; each holds one stream
     steps: int = 60
+    train_samples: int = 0  # budget in training sequences (a multiple of batch); sets steps when > 0
     seeds: tuple[int, ...] = (0,)
     # reached by AdamW at its default LR within the default 60 steps (measured), so ratios exist
     targets: dict[str, float] = field(default_factory=lambda: {"gen_nll": 3.05, "und_acc": 0.45})
@@ -71,11 +82,21 @@ class RunConfig:
     warmup_fraction: float = 0.05
     min_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak LR
     clip: float = 1.0  # gradient-norm clip (0: none)
+    diverge_factor: float = 2.0  # stop a run whose stream train loss exceeds this times its first (0: never)
+    probe_every: int = 0  # steps between per-layer heterogeneity probes (0: none)
     betas: tuple[float, float] = (0.95, 0.95)
     weight_decay: float = 0.01
     levels: tuple[str, ...] = LEVELS  # ML-FOP-SOAP levels (ablation)
     stream_weights: str = "tokens"  # ML-FOP-SOAP stream weights
     fold_tokens: bool = False  # ML-FOP-SOAP: fold with loss-token counts even under "task" weighting
+    stream_statistics: bool = True  # ML-FOP-SOAP: Kronecker factors from the streams (False: shared)
+    noise_shrinkage: bool = True  # ML-FOP-SOAP: shrink corrections by their sampling noise
+    muon_adamw_lrs: tuple[float, ...] = (3e-3,)  # rates of Muon's AdamW part (a sweep axis)
+    muon_adjust_lr: str = "original"
+    muon_weight_decay: float = 0.1  # torch.optim.Muon's default
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    famo_lr: float = 0.025  # FAMO's logit learning rate (torchjd's default, the paper's)
+    famo_weight_decay: float = 1e-3  # FAMO's logit weight decay (torchjd's default)
     hidden: int = 64
     layers: int = 4
     heads: int = 4
@@ -110,7 +131,8 @@ class RunConfig:
 
     # --------------------------------------------------------------------- validation
     def validate(self) -> RunConfig:
-        """Check every field; returns ``self`` or raises :class:`BenchError`."""
+        """Check every field and set ``steps`` from ``train_samples`` when that is given; returns
+        ``self`` or raises :class:`BenchError`."""
         _one_of("model", self.model, MODELS)
         _one_of("tokenizer", self.tokenizer, TOKENIZERS)
         if not self.optimizers:
@@ -119,12 +141,25 @@ class RunConfig:
             _one_of("optimizer", name, OPTIMIZERS)
         if len(set(self.optimizers)) != len(self.optimizers):
             raise BenchError(f"optimizers: each name at most once, got {', '.join(self.optimizers)}")
-        for name, values in self.lrs.items():
-            _one_of("optimizer in lrs", name, OPTIMIZERS)
+        for name, values in [*self.lrs.items(), ("muon_adamw_lrs", self.muon_adamw_lrs)]:
+            if name != "muon_adamw_lrs":
+                _one_of("optimizer in lrs", name, OPTIMIZERS)
             if not values or any(not (_is_number(v) and 0 < v < math.inf) for v in values):
                 raise BenchError(f"lrs for {name}: positive finite numbers, got {values!r}")
-        for name in ("batch", "micro_batch", "steps", "eval_every", "threads", "hidden", "layers", "heads", "mlp"):
+        for name in ("batch", "micro_batch", "steps", "eval_every", "threads", "hidden", "layers", "heads", "mlp",
+                     "muon_ns_steps"):
             _positive(name, getattr(self, name))
+        for name in ("train_samples", "probe_every"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if self.train_samples % self.batch:
+            low = self.train_samples - self.train_samples % self.batch
+            raise BenchError(f"train_samples {self.train_samples} is not a multiple of batch {self.batch}; accepted: "
+                             f"a multiple of batch (e.g. {max(low, self.batch)} or {low + self.batch})")
+        if self.train_samples:
+            self.steps = self.train_samples // self.batch
+        if self.micro_batch > TRAIN_SIZE:
+            raise BenchError(f"micro_batch {self.micro_batch} exceeds the {TRAIN_SIZE} training images; accepted: "
+                             f"at most {TRAIN_SIZE} (raise --batch, not --micro-batch)")
         if self.batch % self.micro_batch:
             raise BenchError(f"micro_batch {self.micro_batch} does not divide batch {self.batch}; "
                              f"accepted: a divisor of {self.batch} (e.g. {_divisors(self.batch)})")
@@ -146,18 +181,39 @@ class RunConfig:
             raise BenchError(f"mix: three integers >= 1 (gen, und, text), got {self.mix!r}")
         _one_of("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _one_of("stream_weights", self.stream_weights, STREAM_WEIGHTS)
+        _one_of("muon_adjust_lr", self.muon_adjust_lr, MUON_ADJUST_LR)
         for level in self.levels:
             _one_of("level", level, LEVELS)
         for name, value, high in (("warmup_fraction", self.warmup_fraction, 1.0),
                                   ("min_lr_fraction", self.min_lr_fraction, 1.0),
                                   ("attention_dropout", self.attention_dropout, 1.0),
                                   ("weight_decay", self.weight_decay, math.inf),
+                                  ("muon_weight_decay", self.muon_weight_decay, math.inf),
+                                  ("famo_lr", self.famo_lr, math.inf),
+                                  ("famo_weight_decay", self.famo_weight_decay, math.inf),
                                   ("clip", self.clip, math.inf)):
             if not _is_number(value) or not 0.0 <= value <= high or not math.isfinite(value):
                 raise BenchError(f"{name}: a finite number in [0, {high:g}], got {value!r}")
         if len(self.betas) != 2 or any(not (_is_number(b) and 0 <= b < 1) for b in self.betas):
             raise BenchError(f"betas: two numbers in [0, 1), got {self.betas!r}")
+        if not _is_number(self.diverge_factor) or not (self.diverge_factor == 0 or 1 < self.diverge_factor < math.inf):
+            raise BenchError(f"diverge_factor: 0 (never stop) or a finite number above 1, got {self.diverge_factor!r}")
+        self._check_stream_weights()
         return self
+
+    def _check_stream_weights(self) -> None:
+        """Refuse stream weights that would change nothing: without the global level (the weights
+        belong to it), and ``fixed`` where the natural weights are already equal (task weighting,
+        folds without token counts, equal micro-batch counts per stream)."""
+        if "mlfop" not in self.optimizers or self.stream_weights == "tokens":
+            return
+        if "global" not in self.levels:
+            raise BenchError(f"stream_weights {self.stream_weights!r} without the global level changes nothing (the "
+                             f"weights belong to it); accepted: levels with global, or stream_weights tokens")
+        counts = set(self.micro_batches().values())
+        if self.stream_weights == "fixed" and self.loss_weighting == "task" and not self.fold_tokens and len(counts) == 1:
+            raise BenchError("stream_weights 'fixed' equals 'tokens' here (task weighting, the same micro-batch count "
+                             "for every stream); accepted: loss_weighting token, fold_tokens, or an uneven mix")
 
 
 def _is_number(value: Any) -> bool:
@@ -169,9 +225,9 @@ def _one_of(what: str, value: Any, accepted: tuple[str, ...]) -> None:
         raise BenchError(f"unknown {what} {value!r}; accepted: {', '.join(accepted)}")
 
 
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise BenchError(f"{name} must be a positive integer, got {value!r}")
+def _positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise BenchError(f"{name} must be {'an integer >= 0' if allow_zero else 'a positive integer'}, got {value!r}")
 
 
 def _divisors(n: int) -> str:
@@ -195,13 +251,13 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     return value
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """The keys of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against the fields."""
+def read_table(path: str, what: str = "config file") -> dict[str, Any]:
+    """The top-level table of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file."""
     file = Path(path)
     if not file.is_file():
-        raise BenchError(f"config file {path!r} not found")
+        raise BenchError(f"{what} {path!r} not found")
     if file.suffix not in (".toml", ".yaml", ".yml"):
-        raise BenchError(f"config file {path!r}: accepted formats: .toml, .yaml, .yml")
+        raise BenchError(f"{what} {path!r}: accepted formats: .toml, .yaml, .yml")
     try:
         if file.suffix == ".toml":
             with file.open("rb") as handle:
@@ -211,41 +267,31 @@ def load_config_file(path: str) -> dict[str, Any]:
 
             values = yaml.safe_load(file.read_text()) or {}
     except Exception as error:  # a parse error of either format, reported as one line
-        raise BenchError(f"config file {path!r} is not valid: {' '.join(str(error).split())}") from None
+        raise BenchError(f"{what} {path!r} is not valid: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
-        raise BenchError(f"config file {path!r}: expected a table of keys")
+        raise BenchError(f"{what} {path!r}: expected a table of keys")
+    return values
+
+
+def coerce_config(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` (RunConfig keys, as a TOML or YAML table holds them) in the fields' types;
+    ``where`` names their source in the error of an unknown key."""
     defaults = RunConfig()
     accepted = [f.name for f in dataclasses.fields(RunConfig)]
     unknown = [key for key in values if key not in accepted]
     if unknown:
-        raise BenchError(f"unknown config key {unknown[0]!r} in {path}; accepted: {', '.join(accepted)}")
+        raise BenchError(f"unknown config key {unknown[0]!r} in {where}; accepted: {', '.join(accepted)}")
     return {key: _coerce(key, value, getattr(defaults, key)) for key, value in values.items()}
 
 
-def check_output(path: Path, resume: bool) -> None:
-    """The run folder must be new (or, with ``resume``, its partial folder must exist) and writable."""
-    partial = partial_path(path)
-    if resume:
-        if not (partial / "config.json").is_file() or not (partial / "tokenizer.npz").is_file():
-            raise BenchError(f"--resume: no interrupted run at {partial}; accepted: the --output of a killed run")
-        return
-    if path.exists() or partial.exists():
-        taken = path if path.exists() else partial
-        raise BenchError(f"output folder {taken} already exists; accepted: a new folder (or --resume for "
-                         f"an interrupted run)")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    try:
-        if not parent.is_dir():
-            raise OSError(f"{parent} is not a directory")
-        with tempfile.TemporaryFile(dir=parent):  # a real write probe, removed at once
-            pass
-    except OSError as error:
-        raise BenchError(f"output folder {path} is not writable ({error.strerror or error}); accepted: a "
-                         f"folder under a writable directory") from None
+def config_from(values: dict[str, Any]) -> RunConfig:
+    """The (unvalidated) RunConfig of the given keys, e.g. a config file's merged with flags:
+    ``steps`` and ``train_samples`` (which sets the steps) exclude each other."""
+    if values.get("train_samples") and "steps" in values:
+        raise BenchError("give either steps or train_samples (which sets the steps), not both")
+    return RunConfig(**values)
 
 
-def partial_path(path: Path) -> Path:
-    """Where a run writes until it finishes (renamed to ``path`` at the end)."""
-    return path.with_name(path.name + ".partial")
+def load_config_file(path: str) -> dict[str, Any]:
+    """The keys of a TOML (``.toml``) or YAML (``.yaml``/``.yml``) file, checked against the fields."""
+    return coerce_config(read_table(path), path)

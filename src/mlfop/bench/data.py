@@ -17,10 +17,11 @@ from sklearn.model_selection import train_test_split
 
 from mlfop.bench.tokenizers import ImageTokenizer
 
-__all__ = ["Split", "Batch", "DigitsData", "load_split", "shift_views", "derived_seed", "TEXT_PAIRS"]
+__all__ = ["Split", "Batch", "DigitsData", "load_split", "shift_views", "derived_seed", "TEXT_PAIRS", "TRAIN_SIZE"]
 
 SPLIT_SEED = 0
 TEST_FRACTION = 0.2
+TRAIN_SIZE = 1437  # training images of the split (a micro-batch draws without replacement from them)
 # (dy, dx) of the +-1 pixel shift augmentation; view 0 is the unshifted image.
 SHIFTS = ((0, 0),) + tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0))
 # The text-only stream's sentences "<a> plus <b> is <a+b>" cover every pair with a + b <= 9.

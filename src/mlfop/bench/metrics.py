@@ -102,8 +102,9 @@ def evaluate(model: TinyModel, data: DigitsData, streams: tuple[str, ...], sampl
     return result, images
 
 
-def time_to_targets(evals: list[dict], targets: dict[str, float]) -> dict[str, float | None]:
-    """First eval step (and training seconds) at which each target, and all together, were met."""
+def time_to_targets(evals: list[dict], targets: dict[str, float], batch: int) -> dict[str, float | None]:
+    """First eval at which each target, and all together, were met: its step, training samples
+    (``step * batch``), and training seconds (wall clock and CPU time of the process)."""
     def met(record: dict, name: str) -> bool:
         value = record.get(name)
         if value is None or not math.isfinite(value):
@@ -114,20 +115,33 @@ def time_to_targets(evals: list[dict], targets: dict[str, float]) -> dict[str, f
     for label, names in [(name, [name]) for name in targets] + [("all", list(targets))]:
         hit = next((r for r in evals if names and all(met(r, n) for n in names)), None)
         result[f"steps_to_{label}"] = None if hit is None else hit["step"]
+        result[f"samples_to_{label}"] = None if hit is None else hit["step"] * batch
         result[f"seconds_to_{label}"] = None if hit is None else hit["train_seconds"]
+        result[f"cpu_seconds_to_{label}"] = None if hit is None else hit.get("train_cpu_seconds")
     return result
 
 
-def run_flags(evals: list[dict], refs: dict[str, float], nonfinite: bool) -> dict[str, bool]:
-    """``diverged``: a non-finite training loss, or a held-out loss that ended above its start;
-    ``stalled_gen``: the final generation NLL not :data:`STALL_MARGIN` below the unigram prior;
-    ``stalled_und``: the same for the answer NLL and the class prior, with an accuracy of at most
-    :data:`STALL_ACCURACY` (an accurate but over-confident model is not stuck at its prior)."""
-    first, last = evals[0], evals[-1]
-    grew = any(last[k] > first[k] for k in ("gen_nll", "und_nll") if k in last)
+def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None) -> dict[str, bool | str | None]:
+    """``divergence``: why the run diverged, if it did: ``stopped`` (``"nonfinite"`` or
+    ``"exploded"``, from the loop) or ``"heldout_grew"`` (a held-out loss ended above its start);
+    ``diverged``: whether it did; ``stalled_gen``: the final generation NLL not
+    :data:`STALL_MARGIN` below the unigram prior; ``stalled_und``: the same for the answer NLL
+    and the class prior, with an accuracy of at most :data:`STALL_ACCURACY` (an accurate but
+    over-confident model is not stuck at its prior). Missing (non-finite) values count as stalled."""
+    first, last = evals[0], {k: _finite_or_none(v) for k, v in evals[-1].items()}
+    grew = any(last.get(k) is None or last[k] > first[k] for k in ("gen_nll", "und_nll"))
+    divergence = stopped or ("heldout_grew" if grew else None)
+
+    def below_prior(key: str, prior: str) -> bool:
+        return last.get(key) is not None and last[key] < refs[prior] - STALL_MARGIN
+
     return {
-        "diverged": bool(nonfinite or grew),
-        "stalled_gen": bool(not last["gen_nll"] < refs["gen_prior_nll"] - STALL_MARGIN),
-        "stalled_und": bool(not last["und_nll"] < refs["und_prior_nll"] - STALL_MARGIN
-                            and not last["und_acc"] > STALL_ACCURACY),
+        "diverged": divergence is not None,
+        "divergence": divergence,
+        "stalled_gen": not below_prior("gen_nll", "gen_prior_nll"),
+        "stalled_und": not below_prior("und_nll", "und_prior_nll") and not (last.get("und_acc") or 0) > STALL_ACCURACY,
     }
+
+
+def _finite_or_none(value: object) -> object:
+    return None if isinstance(value, float) and not math.isfinite(value) else value

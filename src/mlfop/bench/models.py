@@ -57,6 +57,18 @@ class TinyModel(nn.Module):
         """The parameters the optimizer gets (Janus' frozen VQ model is left out)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def output_heads(self) -> list[nn.Linear]:
+        """The layers that produce logits."""
+        raise NotImplementedError
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The trainable weights of the linear layers inside the network (Muon's share): neither
+        an output head nor an embedding table (nor tied to one)."""
+        outer = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        outer |= {id(head.weight) for head in self.output_heads()}
+        return [m.weight for m in self.modules()
+                if isinstance(m, nn.Linear) and m.weight.requires_grad and id(m.weight) not in outer]
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable and frozen parameter counts."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
@@ -103,6 +115,9 @@ class TinyEmu3(TinyModel):
         self.offset = len(vocab.WORDS)
         self.hf = Emu3ForCausalLM(Emu3TextConfig(vocab_size=self.offset + codes, **config.trunk()))
 
+    def output_heads(self) -> list[nn.Linear]:
+        return [self.hf.lm_head]
+
     def gen_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
         targets = batch.codes + self.offset
         ids = torch.cat([vocab.gen_prompt(batch.labels), targets], 1)
@@ -143,6 +158,9 @@ class TinyJanus(TinyModel):
                            image_token_embed_dim=width, num_hidden_layers=2),
         ))
         self.hf.model.vqmodel.requires_grad_(False)
+
+    def output_heads(self) -> list[nn.Linear]:
+        return [self.hf.lm_head, self.hf.model.generation_head.vision_head]
 
     def gen_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """The generation loss recipe: prompt embeddings, then the codes through the generation

@@ -29,6 +29,8 @@ class StepPlan:
     size: int  # sequences per micro-batch
     scales: dict[str, float]  # micro-batch loss = scales[stream] * NLL sum
     tokens: dict[str, int]  # loss tokens of one micro-batch of each stream
+    shares: dict[str, float]  # c_k, the weight of each stream's mean NLL in the objective
+    step_tokens: dict[str, int]  # loss tokens of each stream in one step
 
 def tokens_per_sequence(stream: str, image_tokens: int) -> int:
     """Loss tokens of one sequence: the image codes, the answer word, or the text sentence."""
@@ -47,7 +49,8 @@ def make_plan(config: RunConfig, image_tokens: int) -> StepPlan:
         shares = {k: counts[k] / sum(counts.values()) for k in counts}
     else:
         shares = {k: step_tokens[k] / sum(step_tokens.values()) for k in counts}
-    return StepPlan(tuple(order), size, {k: shares[k] / step_tokens[k] for k in counts}, tokens)
+    scales = {k: shares[k] / step_tokens[k] for k in counts}
+    return StepPlan(tuple(order), size, scales, tokens, shares, step_tokens)
 
 def stream_nll(model: TinyModel, stream: str, batch: Batch) -> Tensor:
     """Sum of the NLL (nats) over the stream's loss tokens in ``batch``."""

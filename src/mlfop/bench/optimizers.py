@@ -1,4 +1,4 @@
-"""The contenders, each as an optimizer plus the way it turns micro-batch gradients into a step.
+"""The contenders, each as one or two optimizers plus the way micro-batch gradients become a step.
 
 - ``adamw``: ``torch.optim.AdamW`` on the accumulated gradient;
 - ``soap``: :class:`mlfop.SOAP` on the accumulated gradient;
@@ -9,23 +9,33 @@
   (no ``tokens``) under ``"task"``. Then ML-FOP-SOAP's stream gradient ``S_k / a_k`` is exactly
   ``grad L_k``. ``fold_tokens`` passes token counts under ``"task"`` too, which scales each
   stream's gradient by ``c_k / a_k`` (8.5x for the answer stream on km64): an ablation;
-- ``upgrad``: torchjd's UPGrad aggregation of the per-stream gradients, then AdamW. The stream
-  gradients are kept apart during accumulation (K gradient-sized buffers, its true memory cost)
-  and aggregated before clipping and the step (its true compute cost, timed with the step).
+- ``muon``: ``torch.optim.Muon`` on the hidden matrices (:meth:`~mlfop.bench.models.TinyModel.
+  hidden_matrices`) and ``torch.optim.AdamW`` at its own rate on the rest (embeddings, output
+  heads, 1-D and convolution parameters), both on the accumulated gradient;
+- ``upgrad``: torchjd's UPGrad aggregation of the per-stream gradients, then AdamW;
+- ``famo``: torchjd's FAMO loss weighting of the per-stream losses, then AdamW.
+
+``upgrad`` and ``famo`` keep the stream gradients apart during accumulation (K gradient-sized
+buffers, their true memory cost) and combine them before clipping and the step (their true
+compute cost, timed with the step; FAMO's also includes the forward pass over the step's batch
+that re-measures the losses after the update).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchjd.aggregation import UPGrad
+from torchjd.scalarization import FAMO
 
 import mlfop
 from mlfop.bench.config import RunConfig
 
-__all__ = ["GradientRoute", "Folding", "UPGradRoute", "build_optimizer"]
+__all__ = ["GradientRoute", "Folding", "StreamBuffers", "UPGradRoute", "FAMORoute", "Contender", "build_contender"]
 
 
 class GradientRoute:
@@ -34,12 +44,24 @@ class GradientRoute:
     def after_backward(self, stream: str, tokens: int) -> None:
         """Called after each micro-batch's backward."""
 
-    def finish(self) -> None:
-        """Called once all micro-batches of the step are in, before clipping and the step."""
+    def finish(self, losses: dict[str, float]) -> None:
+        """Called once all micro-batches of the step are in (``losses``: each stream's mean NLL
+        per loss token over the step), before clipping and the step."""
+
+    def after_step(self, remeasure: Callable[[], dict[str, float]]) -> None:
+        """Called after the optimizer step; ``remeasure()`` gives the step's ``losses`` again, at
+        the updated parameters."""
 
     def diagnostics(self) -> dict[str, float]:
         """Per-step numbers worth logging (called after the optimizer step)."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume the route exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
 
 
 class Folding(GradientRoute):
@@ -60,15 +82,13 @@ class Folding(GradientRoute):
         return _scalars(self.optimizer.diagnostics())
 
 
-class UPGradRoute(GradientRoute):
-    """Per-stream gradient buffers, aggregated by torchjd's ``UPGrad`` into ``p.grad``.
+class StreamBuffers(GradientRoute):
+    """Per-stream gradient buffers during accumulation; :meth:`combine` writes ``p.grad``.
 
-    The preference vector is all ones, so without conflict the result is the plain sum of the
-    stream gradients (the accumulated gradient the other contenders step with)."""
+    Buffer ``k`` holds the gradient of the stream's part of the objective, ``c_k grad L_k``."""
 
     def __init__(self, params: list[nn.Parameter], streams: tuple[str, ...]) -> None:
         self.params, self.streams = params, streams
-        self.aggregator = UPGrad(pref_vector=torch.ones(len(streams)))
         self.buffers: dict[str, list[Tensor]] = {}
         self.last: dict[str, float] = {}
 
@@ -81,12 +101,10 @@ class UPGradRoute(GradientRoute):
         for p in self.params:
             p.grad = None
 
-    def finish(self) -> None:
-        present = [k for k in self.streams if k in self.buffers]
-        jacobian = torch.stack([torch.cat([g.flatten() for g in self.buffers[k]]) for k in present])
-        combined = self.aggregator(jacobian)
-        norms = jacobian.norm(dim=1)
-        self.last = {f"grad_norm_{k}": float(n) for k, n in zip(present, norms)}
+    def finish(self, losses: dict[str, float]) -> None:
+        jacobian = torch.stack([torch.cat([g.flatten() for g in self.buffers[k]]) for k in self.streams])
+        combined = self.combine(jacobian, losses)
+        self.last = {f"grad_norm_{k}": float(n) for k, n in zip(self.streams, jacobian.norm(dim=1))}
         self.last["combined_norm"] = float(combined.norm())
         offset = 0
         for p in self.params:
@@ -94,8 +112,58 @@ class UPGradRoute(GradientRoute):
             offset += p.numel()
         self.buffers = {}
 
+    def combine(self, jacobian: Tensor, losses: dict[str, float]) -> Tensor:
+        """The update direction from the stacked stream buffers (one row per stream)."""
+        raise NotImplementedError
+
     def diagnostics(self) -> dict[str, float]:
         return dict(self.last)
+
+
+class UPGradRoute(StreamBuffers):
+    """torchjd's ``UPGrad`` of the stream buffers. The preference vector is all ones, so without
+    conflict the result is their plain sum (the accumulated gradient the others step with)."""
+
+    def __init__(self, params: list[nn.Parameter], streams: tuple[str, ...]) -> None:
+        super().__init__(params, streams)
+        self.aggregator = UPGrad(pref_vector=torch.ones(len(streams)))
+
+    def combine(self, jacobian: Tensor, losses: dict[str, float]) -> Tensor:
+        return self.aggregator(jacobian)
+
+
+class FAMORoute(StreamBuffers):
+    """torchjd's ``FAMO`` (Liu et al., NeurIPS 2023): the step follows the gradient of FAMO's
+    scalarisation of the stream losses, ``sum_k alpha_k grad L_k`` with ``alpha_k`` its derivative
+    in ``L_k``; after the step, FAMO's task logits learn from the losses re-measured on the same
+    batch. ``shares``: the objective's ``c_k``, to read ``grad L_k`` off buffer ``k``."""
+
+    def __init__(self, params: list[nn.Parameter], streams: tuple[str, ...], shares: dict[str, float], lr: float,
+                 weight_decay: float) -> None:
+        super().__init__(params, streams)
+        self.shares = torch.tensor([shares[k] for k in streams])
+        self.famo = FAMO(len(streams), lr=lr, weight_decay=weight_decay)
+        self.weights: dict[str, float] = {}  # FAMO's task weights z_k of the last step
+
+    def combine(self, jacobian: Tensor, losses: dict[str, float]) -> Tensor:
+        values = torch.tensor([losses[k] for k in self.streams], requires_grad=True)
+        (alpha,) = torch.autograd.grad(self.famo(values), values)
+        weights = alpha * values.detach()  # FAMO's task weights z_k, up to their normaliser
+        self.weights = dict(zip(self.streams, (weights / weights.sum()).tolist()))
+        return (alpha / self.shares) @ jacobian
+
+    def after_step(self, remeasure: Callable[[], dict[str, float]]) -> None:
+        losses = remeasure()
+        self.famo.update(torch.tensor([losses[k] for k in self.streams]))
+
+    def diagnostics(self) -> dict[str, float]:
+        return {**self.last, **{f"famo_weight_{k}": w for k, w in self.weights.items()}}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"famo": self.famo}  # pickled whole: its logits and the Adam that learns them
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.famo = state["famo"]
 
 
 def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -109,25 +177,46 @@ def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return values
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, config: RunConfig
-                    ) -> tuple[torch.optim.Optimizer, GradientRoute]:
-    """The optimizer ``name`` (one of :data:`mlfop.bench.config.OPTIMIZERS`) for the trainable
-    parameters of ``model`` (a :class:`~mlfop.bench.models.TinyModel`) and its gradient route.
+@dataclass
+class Contender:
+    """The optimizers of one run (each with its own schedule) and its gradient route."""
 
-    All contenders share ``betas``, ``weight_decay`` (on every parameter) and ``eps = 1e-8``.
-    ML-FOP-SOAP's head level gets the attention head layouts detected from the model.
+    optimizers: list[torch.optim.Optimizer]
+    route: GradientRoute
+
+
+def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, shares: dict[str, float],
+                    adamw_lr: float | None = None) -> Contender:
+    """The contender ``name`` (one of :data:`mlfop.bench.config.OPTIMIZERS`) for the trainable
+    parameters of ``model`` (a :class:`~mlfop.bench.models.TinyModel`).
+
+    ``shares``: the objective's weight ``c_k`` of each stream; ``adamw_lr``: the rate of Muon's
+    AdamW part. The Adam-type contenders share ``betas``, ``weight_decay`` (on every parameter)
+    and ``eps = 1e-8``. ML-FOP-SOAP's head level gets the attention head layouts detected from
+    the model.
     """
     params = model.trainable_parameters()
     common = dict(lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=1e-8)
     if name == "adamw":
-        return torch.optim.AdamW(params, **common), GradientRoute()
+        return Contender([torch.optim.AdamW(params, **common)], GradientRoute())
     if name == "soap":
-        return mlfop.SOAP(params, **common), GradientRoute()
+        return Contender([mlfop.SOAP(params, **common)], GradientRoute())
     if name == "mlfop":
         heads = model.hf if "head" in config.levels else None
         optimizer = mlfop.MLFOPSOAP(params, streams=config.streams, stream_weights=config.stream_weights,
-                                    levels=config.levels, heads=heads, **common)
-        return optimizer, Folding(optimizer, count_tokens=config.fold_tokens or config.loss_weighting == "token")
+                                    levels=config.levels, heads=heads, noise_shrinkage=config.noise_shrinkage,
+                                    stream_statistics=config.stream_statistics, **common)
+        return Contender([optimizer], Folding(optimizer, config.fold_tokens or config.loss_weighting == "token"))
+    if name == "muon":
+        hidden = model.hidden_matrices()
+        inner = {id(p) for p in hidden}
+        muon = torch.optim.Muon(hidden, lr=lr, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps,
+                                adjust_lr_fn=config.muon_adjust_lr)
+        rest = torch.optim.AdamW([p for p in params if id(p) not in inner], **{**common, "lr": adamw_lr})
+        return Contender([muon, rest], GradientRoute())
     if name == "upgrad":
-        return torch.optim.AdamW(params, **common), UPGradRoute(params, config.streams)
+        return Contender([torch.optim.AdamW(params, **common)], UPGradRoute(params, config.streams))
+    if name == "famo":
+        route = FAMORoute(params, config.streams, shares, config.famo_lr, config.famo_weight_decay)
+        return Contender([torch.optim.AdamW(params, **common)], route)
     raise ValueError(f"unknown optimizer {name!r}")

@@ -3,24 +3,25 @@
 Everything is written under ``<output>.partial`` and the folder is renamed to ``<output>`` only
 when all runs, plots and the summary are done; ``--resume`` continues a killed invocation from
 its partial folder (finished runs are kept, the interrupted one restarts from its checkpoint).
+See :mod:`mlfop.bench.runfolder` for what a kill at each point leaves.
 """
 
 from __future__ import annotations
 
-import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlfop.bench.config import RunConfig, partial_path
+from mlfop.bench.config import RunConfig
 from mlfop.bench.data import DigitsData, load_split
 from mlfop.bench.loop import RunSpec, train
 from mlfop.bench.metrics import references
 from mlfop.bench.models import build_model
 from mlfop.bench.objective import make_plan
 from mlfop.bench.plots import plot_losses, plot_samples
-from mlfop.bench.runfolder import RunFolder
+from mlfop.bench.runfolder import RunFolder, kill_point, partial_path
 from mlfop.bench.summary import aggregate, markdown_table, setting
 from mlfop.bench.tokenizers import load_tokenizer, make_tokenizer
 
@@ -28,39 +29,41 @@ __all__ = ["run_benchmark", "run_specs"]
 
 
 def run_specs(config: RunConfig) -> list[RunSpec]:
-    """Every optimizer at each of its learning rates, for every seed (seed-major order)."""
-    return [RunSpec(name, lr, seed) for seed in config.seeds for name in config.optimizers
-            for lr in config.learning_rates(name)]
+    """Every optimizer at each of its learning rates (Muon: with each rate of its AdamW part), for
+    every seed (seed-major order)."""
+    return [RunSpec(name, lr, seed, adamw_lr) for seed in config.seeds for name in config.optimizers
+            for lr in config.learning_rates(name)
+            for adamw_lr in (config.muon_adamw_lrs if name == "muon" else (None,))]
 
 
 def run_benchmark(config: RunConfig, resume: bool = False) -> str:
     """Run (or resume) the invocation described by a validated ``config``; returns the table."""
     output = Path(config.output)
     folder = RunFolder(partial_path(output))
-    torch.set_num_threads(config.threads)
-    train_split, test_split = load_split()
-    if resume:
-        tokenizer = load_tokenizer(folder.root / "tokenizer.npz")
-    else:
-        tokenizer = make_tokenizer(config.tokenizer, train_split.images)
-        folder.root.mkdir(parents=True)
-        tokenizer.save(folder.root / "tokenizer.npz")
-        folder.write_json("config.json", config.to_dict())
-    data = DigitsData(train_split, test_split, tokenizer, config.augment)
-    refs = references(data, config.samples)
-    folder.write_json("references.json", refs)
-    plan = make_plan(config, tokenizer.tokens)
-    _print_header(config, data, refs)
-    finished = {r["run"] for r in folder.records("final")}
-    for spec in run_specs(config):
-        if spec.name not in finished:
-            train(spec, config, data, plan, refs, folder, resume)
-    finals = [{**r, "setting": setting(config.to_dict(), r["optimizer"])} for r in folder.records("final")]
-    table = markdown_table(aggregate(finals), config.targets)
-    _write_figures(folder, refs)
-    _write_summary(folder, config, refs, table)
-    folder.remove_checkpoints()
-    os.replace(folder.root, output)
+    with folder.writing(fresh=not resume):
+        torch.set_num_threads(config.threads)
+        train_split, test_split = load_split()
+        if resume:
+            tokenizer = load_tokenizer(folder.root / "tokenizer.npz")
+        else:
+            tokenizer = make_tokenizer(config.tokenizer, train_split.images)
+            folder.write("tokenizer.npz", tokenizer.save)
+            folder.write_json("config.json", config.to_dict())  # written last: from here on resumable
+        data = DigitsData(train_split, test_split, tokenizer, config.augment)
+        refs = references(data, config.samples)
+        folder.write_json("references.json", refs)
+        plan = make_plan(config, tokenizer.tokens)
+        _print_header(config, data, refs)
+        finished = {r["run"] for r in folder.records("final")}
+        for spec in run_specs(config):
+            if spec.name not in finished:
+                train(spec, config, data, plan, refs, folder, resume)
+        finals = [{**r, "setting": setting(config.to_dict(), r["optimizer"])} for r in folder.records("final")]
+        table = markdown_table(aggregate(finals), config.targets)
+        _write_figures(folder, refs)
+        kill_point("figures")
+        _write_summary(folder, config, refs, table)
+        folder.finish(output)
     print(table)
     print(_reference_line(refs))
     print(f"\nrun folder: {output}")
@@ -87,9 +90,9 @@ def _reference_line(refs: dict[str, float]) -> str:
 
 
 def _write_figures(folder: RunFolder, refs: dict[str, float]) -> None:
-    plot_losses(folder.records(), refs, folder.root / "losses.png")
+    folder.write("losses.png", partial(plot_losses, folder.records(), refs))
     for path in sorted((folder.root / "samples").glob("*.npy")):
-        plot_samples(np.load(path), f"samples: {path.stem}", folder.root / f"samples_{path.stem}.png")
+        folder.write(f"samples_{path.stem}.png", partial(plot_samples, np.load(path), f"samples: {path.stem}"))
 
 
 def _write_summary(folder: RunFolder, config: RunConfig, refs: dict[str, float], table: str) -> None:
@@ -110,4 +113,4 @@ def _write_summary(folder: RunFolder, config: RunConfig, refs: dict[str, float],
         grids,
         "",
     ]
-    (folder.root / "summary.md").write_text("\n".join(lines))
+    folder.write("summary.md", lambda handle: handle.write("\n".join(lines).encode()))
