@@ -50,8 +50,10 @@ CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fo
 DEFAULT_CONTENDERS = ("adamw", "pytorch_optimizer", "heavyball", "mlfop_soap", "mlfop_fop_k2")
 # ML-FOP-SOAP variants: "mlfop_fop_k2+heads" (head level on the detected attention heads),
 # "+diag=off|global|block|head" (diagnostics detail; default global), "+noshrink",
-# "+sharedstats" (Kronecker factors from the shared component only).
-FOP_OPTIONS = ("heads", "noshrink", "sharedstats", "diag")
+# "+sharedstats" (Kronecker factors from the shared component only); for mlfop_soap too:
+# "+bf16state" (bfloat16 moments), "+compile" (torch.compile(opt.step), inductor).
+FOP_OPTIONS = ("heads", "noshrink", "sharedstats", "diag", "bf16state", "compile")
+SOAP_OPTIONS = ("bf16state", "compile")
 LR = 3e-3
 BETAS = (0.95, 0.95)
 WEIGHT_DECAY = 0.01
@@ -228,6 +230,10 @@ def fop_options(name: str) -> tuple[str, dict[str, Any]]:
             kwargs["stream_statistics"] = False
         elif key == "diag" and value:
             kwargs["diagnostics"] = value
+        elif key == "bf16state":
+            kwargs["state_dtype"] = "bfloat16"
+        elif key == "compile":
+            kwargs["compile"] = True
         else:
             raise ValueError(f"unknown ML-FOP-SOAP option {option!r} in {name!r}; use {FOP_OPTIONS}")
     return base, kwargs
@@ -235,10 +241,13 @@ def fop_options(name: str) -> tuple[str, dict[str, Any]]:
 
 def contender_name(text: str) -> str:
     """argparse type: a known contender, or an ML-FOP-SOAP one with +options."""
-    base, _ = fop_options(text)
-    if base not in CONTENDERS or (text != base and not base.startswith("mlfop_fop")):
+    base, options = fop_options(text)
+    soap_only = set(options) <= {"state_dtype", "compile"}
+    if base not in CONTENDERS or (text != base and not (base.startswith("mlfop_fop") or
+                                                        (base == "mlfop_soap" and soap_only))):
         raise argparse.ArgumentTypeError(f"unknown contender {text!r}; choose from {CONTENDERS} "
-                                         f"(ML-FOP-SOAP ones may add +{', +'.join(FOP_OPTIONS)}=LEVEL)")
+                                         f"(ML-FOP-SOAP ones may add +{', +'.join(FOP_OPTIONS)}=LEVEL, "
+                                         f"mlfop_soap +{', +'.join(SOAP_OPTIONS)})")
     return text
 
 
@@ -251,17 +260,20 @@ def build_mlfop(streams: int, options: dict[str, Any] | None = None, label: str 
         common = dict(lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY,
                       precondition_frequency=args.precondition_frequency,
                       max_precond_dim=MAX_PRECOND_DIM, merge_dims=False)
+        extra = dict(options or {})
+        compiled = extra.pop("compile", False)
         if streams:
             names = STREAMS[:streams]
-            extra = dict(options or {})
             if extra.pop("heads", False):
                 extra["heads"] = model
             opt = mlfop.MLFOPSOAP(model.parameters(), streams=names, **common, **extra)
             name = label or f"mlfop_fop_k{streams}"
         else:
             names = ()
-            opt = mlfop.SOAP(model.parameters(), **common)
-            name = "mlfop_soap"
+            opt = mlfop.SOAP(model.parameters(), **common, **extra)
+            name = label or "mlfop_soap"
+        if compiled:
+            opt.step = torch.compile(opt.step)
         f = args.precondition_frequency
         return Contender(name, model, opt, f, OFFICIAL_REFRESH_RULE, call_index_rule(f), names)
 
@@ -284,7 +296,10 @@ def build_contenders(base: nn.Module, args: argparse.Namespace) -> tuple[list[Co
     contenders, notes = [], []
     for name in args.optimizers:
         base_name, options = fop_options(name)
-        builder = BUILDERS[name] if name in BUILDERS else build_mlfop(int(base_name[-1]), options, name)
+        if name in BUILDERS:
+            builder = BUILDERS[name]
+        else:  # an ML-FOP-SOAP or mlfop_soap variant
+            builder = build_mlfop(0 if base_name == "mlfop_soap" else int(base_name[-1]), options, name)
         try:
             contenders.append(builder(copy.deepcopy(base), args))
         except ModuleNotFoundError as err:
@@ -561,6 +576,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary = [summarise(c, args.warmup) for c in contenders]
     add_ratios(summary, baseline)
 
+    for contender in contenders:
+        if contender.name.endswith("+compile") or "+compile+" in contender.name:
+            first = contender.calls[: args.precondition_frequency + 2]  # both branches compiled
+            notes.append(f"{contender.name}: its first {len(first)} calls (compiling) took "
+                         f"{sum(c['step_ms'] for c in first) / 1e3:.1f} s")
     rules = sorted({f"{c.name}: {c.refresh_rule}" for c in contenders if c.frequency})
     notes += [f"measured calls {args.warmup + 1}..{args.warmup + args.steps}; f = "
               f"{args.precondition_frequency}; {'; '.join(rules)}",

@@ -59,6 +59,7 @@ _HELP = {
     "stream_statistics": "ML-FOP-SOAP: Kronecker factors from the streams (--no-stream-statistics: from the "
                          "shared component)",
     "noise_shrinkage": "ML-FOP-SOAP: shrink each correction by its sampling-noise share",
+    "state_dtype": "SOAP and ML-FOP-SOAP: dtype of the moments, float32 or bfloat16 (factors and bases stay float32)",
     "muon_adamw_lrs": "learning rates of Muon's AdamW part (embeddings, heads, 1-D); a sweep axis",
     "muon_adjust_lr": "torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw",
     "muon_weight_decay": "weight decay of Muon's Muon part",

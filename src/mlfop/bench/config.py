@@ -36,12 +36,14 @@ STREAMS = ("gen", "und", "text")
 LEVELS = ("global", "layer", "head")
 STREAM_WEIGHTS = ("tokens", "fixed", "balanced")
 LOSS_WEIGHTINGS = ("task", "token")
-MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+MUON_ADJUST_LR = ("original", "match_rms_adamw")
+STATE_DTYPES = ("float32", "bfloat16")  # SOAP's and ML-FOP-SOAP's moments (state_dtype)  # torch.optim.Muon's adjust_lr_fn
 _ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")  # muon: its AdamW part
 # The config keys that only some optimizers read (everything else shapes every run alike).
 OPTIMIZER_OPTIONS = {
     "betas": _ADAM_TYPE, "weight_decay": _ADAM_TYPE,
     **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage"), ("mlfop",)),
+    "state_dtype": ("soap", "mlfop"),
     **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), ("muon",)),
     **dict.fromkeys(("famo_lr", "famo_weight_decay"), ("famo",)),
 }
@@ -91,6 +93,7 @@ class RunConfig:
     fold_tokens: bool = False  # ML-FOP-SOAP: fold with loss-token counts even under "task" weighting
     stream_statistics: bool = True  # ML-FOP-SOAP: Kronecker factors from the streams (False: shared)
     noise_shrinkage: bool = True  # ML-FOP-SOAP: shrink corrections by their sampling noise
+    state_dtype: str = "float32"  # SOAP and ML-FOP-SOAP: dtype of the moments
     muon_adamw_lrs: tuple[float, ...] = (3e-3,)  # rates of Muon's AdamW part (a sweep axis)
     muon_adjust_lr: str = "original"
     muon_weight_decay: float = 0.1  # torch.optim.Muon's default
@@ -181,6 +184,7 @@ class RunConfig:
             raise BenchError(f"mix: three integers >= 1 (gen, und, text), got {self.mix!r}")
         _one_of("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         _one_of("stream_weights", self.stream_weights, STREAM_WEIGHTS)
+        _one_of("state_dtype", self.state_dtype, STATE_DTYPES)
         _one_of("muon_adjust_lr", self.muon_adjust_lr, MUON_ADJUST_LR)
         for level in self.levels:
             _one_of("level", level, LEVELS)

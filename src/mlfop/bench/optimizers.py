@@ -199,13 +199,14 @@ def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, s
     common = dict(lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=1e-8)
     if name == "adamw":
         return Contender([torch.optim.AdamW(params, **common)], GradientRoute())
+    soap_type = dict(common, state_dtype=config.state_dtype)
     if name == "soap":
-        return Contender([mlfop.SOAP(params, **common)], GradientRoute())
+        return Contender([mlfop.SOAP(params, **soap_type)], GradientRoute())
     if name == "mlfop":
         heads = model.hf if "head" in config.levels else None
         optimizer = mlfop.MLFOPSOAP(params, streams=config.streams, stream_weights=config.stream_weights,
                                     levels=config.levels, heads=heads, noise_shrinkage=config.noise_shrinkage,
-                                    stream_statistics=config.stream_statistics, **common)
+                                    stream_statistics=config.stream_statistics, **soap_type)
         return Contender([optimizer], Folding(optimizer, config.fold_tokens or config.loss_weighting == "token"))
     if name == "muon":
         hidden = model.hidden_matrices()
