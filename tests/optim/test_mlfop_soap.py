@@ -339,29 +339,51 @@ def test_bad_folds_are_refused_with_a_clear_message():
         opt.fold("text")
 
 
-@pytest.mark.parametrize("via", ["torch.save", "dcp"])
-def test_state_dict_mid_accumulation_is_refused_and_between_steps_resumes_bit_for_bit(via):
-    """Balanced weights depend on the stream-norm EMA (global state): DCP must keep it too."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+def _checkpoint_round_trip(via, model, opt, make, tmp_path):
+    """Save ``model`` and ``opt``, and load them into fresh ones from ``make()``: with
+    ``torch.save``, DCP's state-dict helpers, or DCP's own ``dcp.save``/``dcp.load``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, get_state_dict, set_optimizer_state_dict, set_state_dict
+
+    fresh_model, fresh_opt = make()
+    if via == "dcp.save":
+        folder = tmp_path / f"checkpoint-{len(list(tmp_path.iterdir()))}"
+        model_state, optim_state = get_state_dict(model, opt)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+        model_state, optim_state = get_state_dict(fresh_model, fresh_opt)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=folder)
+        set_state_dict(fresh_model, fresh_opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        return fresh_model, fresh_opt
+    buffer = io.BytesIO()
+    optimizer_state = opt.state_dict() if via == "torch.save" else get_optimizer_state_dict(model, opt)
+    torch.save({"model": model.state_dict(), "opt": optimizer_state}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    fresh_model.load_state_dict(saved["model"])
+    if via == "torch.save":
+        fresh_opt.load_state_dict(saved["opt"])
+    else:
+        set_optimizer_state_dict(fresh_model, fresh_opt, saved["opt"])
+    return fresh_model, fresh_opt
+
+
+@pytest.mark.parametrize("via", ["torch.save", "dcp", "dcp.save"])
+def test_state_dict_mid_accumulation_is_refused_and_between_steps_resumes_bit_for_bit(via, tmp_path):
+    """Balanced weights depend on the stream-norm EMA (global state): DCP must keep it too, also
+    through ``dcp.load``, which fills only the keys a fresh optimizer's state dict has."""
+
+    def make():
+        model = _model(seed=5)
+        return model, mlfop.MLFOPSOAP(model.parameters(), stream_weights="balanced")
 
     def run(split_at=None, steps=24):
         model = _model()
         opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights="balanced")
         for step in range(steps):
             if step == split_at:
-                buffer = io.BytesIO()
-                optimizer_state = opt.state_dict() if via == "torch.save" else get_optimizer_state_dict(model, opt)
-                torch.save({"model": model.state_dict(), "opt": optimizer_state}, buffer)
-                buffer.seek(0)
-                saved = torch.load(buffer, weights_only=True)
                 norms = dict(opt.stream_norm_ema)
-                model = _model(seed=5)
-                model.load_state_dict(saved["model"])
-                opt = mlfop.MLFOPSOAP(model.parameters(), stream_weights="balanced")
-                if via == "torch.save":
-                    opt.load_state_dict(saved["opt"])
-                else:
-                    set_optimizer_state_dict(model, opt, saved["opt"])
+                model, opt = _checkpoint_round_trip(via, model, opt, make, tmp_path)
                 assert opt.stream_norm_ema == norms != {}
             for i, (stream, x, y) in enumerate(_micro_batches(step)):
                 (model(x) - y).pow(2).mean().backward()

@@ -302,14 +302,20 @@ class MLFOPSOAP(SOAP):
 
     # ---------------------------------------------------------------------- state dict
     def _global_state(self) -> dict[str, Any]:
-        return {**super()._global_state(), "stream_norm_ema": self.stream_norm_ema}
+        """Every stream has an entry, also before its EMA starts: DCP's ``dcp.load`` fills only
+        the keys that a fresh optimizer's state dict already has."""
+        values = self._norm_ema.tolist() if self._norm_ema is not None else [0.0] * len(self.streams)
+        return {**super()._global_state(), "stream_norm_ema": dict(zip(self.streams, values)),
+                "stream_norm_started": dict(zip(self.streams, self._norm_started))}
 
     def _load_global_state(self, global_state: dict[str, Any]) -> None:
         super()._load_global_state(global_state)
         saved = {str(k): float(v) for k, v in global_state.get("stream_norm_ema", {}).items()}
-        self._norm_started = [name in saved for name in self.streams]
+        # (checkpoints without the flags listed only the streams whose EMA had started)
+        started = global_state.get("stream_norm_started", dict.fromkeys(saved, True))
+        self._norm_started = [bool(started.get(name, False)) for name in self.streams]
         self._norm_ema = torch.tensor([saved.get(name, 0.0) for name in self.streams], dtype=torch.float64,
-                                      device=self._params()[0].device) if saved else None
+                                      device=self._params()[0].device) if any(self._norm_started) else None
 
     def state_dict(self) -> dict[str, Any]:
         """As :class:`SOAP`; refused in the middle of an accumulation (after a fold, before the step)."""
