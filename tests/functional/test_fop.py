@@ -219,3 +219,23 @@ def test_noise_shrinkage_formula_and_edges():
     assert float(fraction) == pytest.approx(0.5) and float(rho) == pytest.approx(0.5)
     rho, fraction = noise_shrinkage(torch.zeros(2, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64), w)
     assert (float(rho), float(fraction)) == (0.0, 0.0)  # no spread: nothing to correct
+
+
+def test_the_combination_serves_a_diagonal_adam_metric_too():
+    """FOP-AdamW: identity basis, h = sqrt(lerp(v, sum_k w_k g_k^2, 1 - beta2)) + eps from Adam's v.
+    Agreeing streams give the shared component and eta = 1; conflicting ones the K = 2 closed form."""
+    gen = torch.Generator().manual_seed(11)
+    g = torch.randn(3, 1, 20, generator=gen, dtype=torch.float64)
+    weights = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    v = torch.rand(3, 20, generator=gen, dtype=torch.float64)
+    for streams, agree in ((torch.cat([g, g], 1), True), (torch.cat([g, -g + 0.3 * torch.randn_like(g)], 1), False)):
+        second_moment = (streams.square() * weights.view(1, 2, 1)).sum(1)
+        h = v.lerp(second_moment, 0.05).sqrt() + 1e-8
+        combination = combine_block(streams, second_moment, fop_system(*stream_grams(streams, h), weights, 0.0),
+                                    beta_max=1e9, eta_range=(1e-9, 1e9))
+        if agree:
+            assert torch.equal(combination.momentum, g[:, 0]) and torch.equal(combination.eta, torch.ones(3, dtype=torch.float64))
+            continue
+        for b in range(3):
+            _, _, beta, expected = _closed_form_two_streams(streams[b, 0], streams[b, 1], h[b], 0.5)
+            torch.testing.assert_close(combination.momentum[b], expected, rtol=1e-10, atol=1e-12)
