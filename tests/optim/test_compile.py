@@ -5,8 +5,6 @@ between them compiles. The graphs of a refresh step and of a regular step are bo
 the number of graphs stops growing after the first few calls.
 """
 
-import copy
-
 import pytest
 import torch
 import torch._dynamo

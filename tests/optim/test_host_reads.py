@@ -72,8 +72,8 @@ def _reads_of_a_regular_step(kind: str, layers: int, **options) -> tuple[list[st
         opt = mlfop.SOAP(model.parameters())
     else:
         opt = mlfop.MLFOPSOAP(model.parameters(), heads=_heads(model), **options)
-    fold_reads, step_reads = [], []
-    for call in range(5):
+    fold_reads = []
+    for _ in range(5):
         for i in range(4):
             model(torch.randn(8, 16)).pow(2).mean().mul(1 + i).backward()
             if kind != "soap":

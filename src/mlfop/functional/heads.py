@@ -30,7 +30,6 @@ from torch import Tensor
 
 from mlfop.functional.fop import (
     Combination,
-    FOPSystem,
     combination_coefficients,
     combine,
     fop_system,

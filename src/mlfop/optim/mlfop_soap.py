@@ -26,7 +26,7 @@ from mlfop.functional.streams import (
 )
 from mlfop.head_layouts import resolve_head_layouts
 from mlfop.mixed_batches import fold_losses
-from mlfop.optim.block_state import BlockBatch, BlockTensors, layout_of, materialize_params, plan_batches, state_dtype
+from mlfop.optim.block_state import BlockBatch, BlockTensors, layout_of, materialize_params, plan_batches
 from mlfop.optim.config import LEVELS, FOPConfig, FOPOptions, check_streams
 from mlfop.optim.soap import SOAP, SOAP_ARGS_DOC
 
@@ -380,7 +380,7 @@ class MLFOPSOAP(SOAP):
             if item.batch.step == 0:
                 self._initialise_streams(item, weights)
                 continue
-            self._prepare(item, weights, finished)
+            self._prepare(item, weights)
             totals.add(item.system, None if item.noise is None else item.noise.sum(-1))
             own = ("layer" in options.levels or item.heads is not None) and item.batch.params[0].dim() >= 2
             if own:
@@ -410,10 +410,10 @@ class MLFOPSOAP(SOAP):
         k = len(finished.present)
         heads = self.head_layouts if "head" in self.options.levels else {}
         entries = []
-        for index, (config, param, _) in enumerate(work):
+        for config, param, _ in work:
             layout = layout_of(config, param)
             reaching = finished.reach.get(param, (False,) * k)
-            entries.append((config, param, layout, self._step_counts.get(param, -1) + 1, reaching, heads.get(param), index))
+            entries.append((config, param, layout, self._step_counts.get(param, -1) + 1, reaching, heads.get(param)))
         plan = plan_batches(
             entries,
             key=lambda e: (id(e[0]), e[2], e[1].dtype, e[1].device, e[3], e[4], e[5],
@@ -422,7 +422,7 @@ class MLFOPSOAP(SOAP):
         )
         items = []
         for members in plan:
-            config, _, layout, step, reaching, layout_h, _ = members[0]
+            config, _, layout, step, reaching, layout_h = members[0]
             params = [e[1] for e in members]
             batch = BlockBatch(config, params, [self.state[p] for p in params], layout, step)
             sign = -1.0 if config.maximize else 1.0
@@ -443,8 +443,10 @@ class MLFOPSOAP(SOAP):
                finished: FinishedFolds) -> Tensor | None:
         """``(B, K, groups)``: the streams' sampling variances from the level-0 norms, or ``None``
         with the shrinkage off (or before any measured fold)."""
+        if not self.options.noise_shrinkage:
+            return None
         inputs = [self._folds.noise_inputs(p, finished.present) for p in params]
-        if not self.options.noise_shrinkage or all(value is None for value in inputs):
+        if all(value is None for value in inputs):
             return None
         known = next(value for value in inputs if value is not None)
         micro_sq = torch.stack([torch.zeros_like(known[0]) if value is None else value[0] for value in inputs])
@@ -467,7 +469,7 @@ class MLFOPSOAP(SOAP):
         return stream_factor_statistics(item.streams, weights, item.reach, item.batch.layout[1], item.order,
                                         shared_only=not self.options.stream_statistics)
 
-    def _prepare(self, item: _Streams, weights: Tensor, finished: FinishedFolds) -> None:
+    def _prepare(self, item: _Streams, weights: Tensor) -> None:
         """Rotate the streams; the metric h (this step's SOAP denominator) and the FOP system."""
         config = item.batch.config
         item.tensors = item.batch.tensors(self._stacks)
