@@ -241,14 +241,16 @@ def test_oversized_dimension_keeps_identity_and_other_side_is_rotated():
     assert "factor_0" not in state and state["factor_1"].shape == (6, 6)
 
 
-def test_channels_last_parameter_matches_contiguous():
-    """Same values in channels_last memory give the same steps, bit for bit."""
+@pytest.mark.parametrize("merge_dims", [False, True])
+def test_channels_last_parameter_matches_contiguous(merge_dims):
+    """Same values in channels_last memory give the same steps, bit for bit (also when the block
+    merges the parameter's dimensions, so that the gradient cannot be viewed as it is)."""
     torch.manual_seed(0)
     dense = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
     strided = torch.nn.Parameter(dense.detach().clone().to(memory_format=torch.channels_last))
     assert not strided.is_contiguous(memory_format=torch.contiguous_format)
     for param in (dense, strided):
-        opt = mlfop.SOAP([param], lr=1e-2, precondition_frequency=4)
+        opt = mlfop.SOAP([param], lr=1e-2, precondition_frequency=4, merge_dims=merge_dims, max_precond_dim=12)
         gen = torch.Generator().manual_seed(0)
         for _ in range(10):
             grad = torch.randn(4, 3, 3, 3, generator=gen) + param.detach()

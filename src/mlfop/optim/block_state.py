@@ -188,8 +188,8 @@ class BlockBatch:
 
     def stack(self, tensors: Sequence[Tensor]) -> Tensor:
         """Per-parameter tensors (e.g. gradients) as ``(B, *block)`` in the state dtype."""
-        stacked = _stack([t.to(self.dtype) for t in tensors], self.block_shape)
-        return stacked.contiguous()
+        # Contiguous first: a channels_last gradient takes the same steps, and a merged block views it.
+        return _stack([t.to(self.dtype).contiguous() for t in tensors], self.block_shape)
 
     def _keys(self) -> list[tuple[str, tuple[int, ...]]]:
         """Each state tensor of a block with its block-view shape."""
