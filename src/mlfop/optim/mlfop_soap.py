@@ -26,7 +26,7 @@ from mlfop.functional.streams import (
 )
 from mlfop.head_layouts import resolve_head_layouts
 from mlfop.mixed_batches import fold_losses
-from mlfop.optim.block_state import BlockBatch, BlockTensors, layout_of, materialize_params, plan_batches
+from mlfop.optim.block_state import BlockBatch, BlockTensors, materialize_params
 from mlfop.optim.config import LEVELS, FOPConfig, FOPOptions, check_streams
 from mlfop.optim.soap import SOAP, SOAP_ARGS_DOC
 
@@ -377,8 +377,9 @@ class MLFOPSOAP(SOAP):
         totals = SystemTotals.zeros(len(present), device)
         deferred = []
         for item in self._stream_batches(work, finished, weights):
-            if item.batch.step == 0:
-                self._initialise_streams(item, weights)
+            if item.batch.step == 0:  # a block that no stream reaches waits for a real first call
+                self._initialise(item.batch, self._factor_statistics(item, weights),
+                                 [any(item.reaching)] * len(item.batch.params))
                 continue
             self._prepare(item, weights)
             totals.add(item.system, None if item.noise is None else item.noise.sum(-1))
@@ -409,22 +410,14 @@ class MLFOPSOAP(SOAP):
         ``g_k = sign * c * S_k / a_k`` (and the noise estimate, with the shrinkage on)."""
         k = len(finished.present)
         heads = self.head_layouts if "head" in self.options.levels else {}
-        entries = []
-        for config, param, _ in work:
-            layout = layout_of(config, param)
-            reaching = finished.reach.get(param, (False,) * k)
-            entries.append((config, param, layout, self._step_counts.get(param, -1) + 1, reaching, heads.get(param)))
-        plan = plan_batches(
-            entries,
-            key=lambda e: (id(e[0]), e[2], e[1].dtype, e[1].device, e[3], e[4], e[5],
-                           None if e[0].batched else id(e[1])),
-            layout=lambda e: e[2],
-        )
+
+        def reach_and_heads(param: Tensor) -> tuple[tuple[bool, ...], tuple[int, int] | None]:
+            return finished.reach.get(param, (False,) * k), heads.get(param)
+
         items = []
-        for members in plan:
-            config, _, layout, step, reaching, layout_h = members[0]
-            params = [e[1] for e in members]
-            batch = BlockBatch(config, params, [self.state[p] for p in params], layout, step)
+        for batch, _ in self._batches(work, extra_key=reach_and_heads):
+            config, params, layout = batch.config, batch.params, batch.layout
+            reaching, layout_h = reach_and_heads(params[0])
             sign = -1.0 if config.maximize else 1.0
             coefficients = finished.scale.to(batch.dtype) * torch.tensor(
                 [sign / share for share in finished.shares], dtype=batch.dtype, device=finished.scale.device)
@@ -457,13 +450,6 @@ class MLFOPSOAP(SOAP):
         counts = torch.tensor(known[1])
         return stream_noise(micro_sq, sums_sq, counts, torch.tensor(known[2]), torch.tensor(finished.shares),
                             finished.scale)
-
-    def _initialise_streams(self, item: _Streams, weights: Tensor) -> None:
-        """First call: SOAP's initialisation from the streams' statistics (no update)."""
-        statistics = self._factor_statistics(item, weights)
-        self.basis_failures += item.batch.initialise(statistics, [any(item.reaching)] * len(item.batch.params))
-        for param in item.batch.params:
-            self._step_counts[param] = 0 if any(item.reaching) else -1
 
     def _factor_statistics(self, item: _Streams, weights: Tensor) -> list[Tensor | None]:
         return stream_factor_statistics(item.streams, weights, item.reach, item.batch.layout[1], item.order,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import math
 from itertools import chain
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -319,8 +319,8 @@ class SOAP(torch.optim.Optimizer):
             if batch.config.maximize:
                 stacked = -stacked
             statistics = kronecker_statistics(stacked, batch.layout[1], batch_dims=1)
-            if batch.step == 0:
-                self._initialise(batch, statistics, stacked)
+            if batch.step == 0:  # one host read, on first calls only
+                self._initialise(batch, statistics, (stacked.reshape(len(batch.params), -1).abs().amax(1) > 0).tolist())
                 continue
             tensors = batch.tensors(self._stacks)
             rotated = rotate(stacked, tensors.bases)
@@ -341,29 +341,34 @@ class SOAP(torch.optim.Optimizer):
                 work.append((config, param, grad))
         return work
 
-    def _batches(self, work: list[tuple[Any, Tensor, Tensor]]) -> list[tuple[BlockBatch, list[Tensor]]]:
+    def _batches(
+        self, work: list[tuple[Any, Tensor, Tensor]], extra_key: Callable[[Tensor], Hashable] | None = None
+    ) -> list[tuple[BlockBatch, list[Tensor]]]:
         """Batches of same-shaped blocks at the same step count, with their gradients.
 
-        A batch's ``step`` is the count its update takes (0: a first call, which initialises).
+        Blocks share a batch when they share a param group, a layout, a dtype, a device, a step
+        count and ``extra_key(param)`` (ML-FOP-SOAP's reach and head layout). A batch's ``step`` is
+        the count its update takes (0: a first call, which initialises).
         """
-        entries = []
-        for config, param, grad in work:
-            layout = layout_of(config, param)
-            entries.append((config, param, grad, layout, self._step_counts.get(param, -1) + 1))
-        plan = plan_batches(
-            entries,
-            key=lambda e: (id(e[0]), e[3], e[1].dtype, e[1].device, e[4], None if e[0].batched else id(e[1])),
-            layout=lambda e: e[3],
-        )
+        entries = [(config, param, grad, layout_of(config, param), self._step_counts.get(param, -1) + 1)
+                   for config, param, grad in work]
+
+        def key(entry: tuple[Any, ...]) -> Hashable:
+            config, param, _, layout, step = entry
+            alone = None if config.batched else id(param)
+            return (id(config), layout, param.dtype, param.device, step, alone,
+                    None if extra_key is None else extra_key(param))
+
+        plan = plan_batches(entries, key=key, layout=lambda entry: entry[3])
         return [
             (BlockBatch(members[0][0], [e[1] for e in members], [self.state[e[1]] for e in members],
                         members[0][3], members[0][4]), [e[2] for e in members])
             for members in plan
         ]
 
-    def _initialise(self, batch: BlockBatch, statistics: list[Tensor | None], stacked: Tensor) -> None:
-        """First call of a batch: state from its statistics (a block of zeros stays waiting)."""
-        informative = (stacked.reshape(len(batch.params), -1).abs().amax(1) > 0).tolist()
+    def _initialise(self, batch: BlockBatch, statistics: list[Tensor | None], informative: list[bool]) -> None:
+        """First call of a batch: state from its statistics; a block whose gradient is all zero
+        (not ``informative``) stays waiting for a real first call."""
         self.basis_failures += batch.initialise(statistics, informative)
         for param, ok in zip(batch.params, informative):
             self._step_counts[param] = 0 if ok else -1
