@@ -23,7 +23,7 @@ from torch import Tensor
 
 from mlfop.folding import FoldCounts
 
-__all__ = ["default_process_group", "DDPFoldReducer"]
+__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer"]
 
 
 def default_process_group():
@@ -33,11 +33,12 @@ def default_process_group():
     return None
 
 
-def _all_reduce_flat(tensors: Sequence[Tensor], group, divisor: float) -> None:
-    """Sum ``tensors`` over the ranks in one flat bucket, divide by ``divisor``, copy back."""
+def all_reduce_flat(tensors: Sequence[Tensor], group, divisor: float, device: torch.device | None = None) -> None:
+    """Sum ``tensors`` over the ranks in one flat bucket (on ``device``, else the first
+    tensor's), divide by ``divisor``, copy back in place."""
     if not tensors:
         return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = torch.cat([t.reshape(-1).to(device or tensors[0].device) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     flat.div_(divisor)
     torch._foreach_copy_(list(tensors), [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
@@ -46,12 +47,18 @@ def _all_reduce_flat(tensors: Sequence[Tensor], group, divisor: float) -> None:
 class DDPFoldReducer:
     """Average the folds of data-parallel replicas over ``group``."""
 
+    syncs_every_fold = False  # DDP syncs the last micro-batch only
+
     def __init__(self, group, device: torch.device) -> None:
         self.group = group
         self.device = device
 
     def _agree(self, counts: FoldCounts, parameters: int, elements: int) -> Tensor:
-        """All ranks' descriptors ``(world, 4 + 3K)``, after checking the ranks folded alike."""
+        """All ranks' descriptors ``(world, 4 + 3K)``, after checking the ranks folded alike.
+
+        The first column holds ``parameters``; a reducer whose ranks must fold the same streams
+        in the same order passes the order's code there instead (see :class:`ShardedFoldReducer`).
+        """
         k = len(counts.micro_batches)
         given = -1.0 if counts.tokens_given is None else float(counts.tokens_given)
         values = [float(parameters), float(elements), given, float(counts.last_stream),
@@ -69,11 +76,12 @@ class DDPFoldReducer:
                 for r, row in enumerate(agree)
             )
             raise ValueError(
-                "ranks folded different streams before step() (" + rows + "); every rank must fold the "
-                "same number of micro-batches of each stream, end with a micro-batch of the same stream "
-                "(the one DDP syncs), and give tokens on all ranks or none"
+                "ranks folded different streams before step() (" + rows + "); " + self.agreement
             )
         return table
+
+    agreement = ("every rank must fold the same number of micro-batches of each stream, end with a micro-batch "
+                 "of the same stream (the one DDP syncs), and give tokens on all ranks or none")
 
     def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
         """Average the stream sums and add up the counts; the noise sums are divided by
@@ -83,9 +91,9 @@ class DDPFoldReducer:
         buffers = stream_sums[0] if stream_sums else []
         table = self._agree(counts, len(buffers), sum(b.numel() for b in buffers))
         for sums in stream_sums:
-            _all_reduce_flat(sums, self.group, world)
+            all_reduce_flat(sums, self.group, world)
         if noise_sums is not None:
-            _all_reduce_flat([noise_sums], self.group, world * world)
+            all_reduce_flat([noise_sums], self.group, world * world)
         return replace(
             counts,
             micro_batches=[n * world for n in counts.micro_batches],
@@ -93,7 +101,39 @@ class DDPFoldReducer:
             tokens=table[:, 4 + 2 * k :].sum(dim=0).tolist(),
         )
 
+    def total(self, tensors: Sequence[Tensor]) -> None:
+        """Nothing to add up: every replica holds every parameter, so its sums are already global."""
+
     def any(self, flags: Tensor) -> Tensor:
         flags = flags.to(self.device).clone()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         return flags
+
+
+class ShardedFoldReducer(DDPFoldReducer):
+    """The folds of fully sharded parameters (FSDP2, HSDP), synced after every micro-batch.
+
+    FSDP2 averages every micro-batch's gradient over the ranks before the fold, so a fold is of
+    the ranks' joint micro-batch: the stream sums are already global and are not averaged, the
+    micro-batch counts are not multiplied, and the tokens are added up over the ranks. The ranks
+    must fold the same streams in the same order (a joint micro-batch of two streams would mix
+    them), which the descriptor checks through the order's code. The noise sums and every other
+    partial sum (:meth:`total`) are sums over parameter rows and are added up over the group.
+    """
+
+    agreement = ("under FSDP2 every micro-batch's gradient is averaged over the ranks, so every rank must fold "
+                 "the same stream at the same micro-batch (e.g. mlfop.StreamBatchSampler gives every rank the "
+                 "same stream sequence), and give tokens on all ranks or none")
+
+    syncs_every_fold = True
+
+    def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
+        k = len(counts.micro_batches)
+        table = self._agree(counts, counts.order_code, 0)
+        if noise_sums is not None:
+            self.total([noise_sums])
+        return replace(counts, tokens=table[:, 4 + 2 * k :].sum(dim=0).tolist())
+
+    def total(self, tensors: Sequence[Tensor]) -> None:
+        """Add up the ranks' partial sums in place."""
+        all_reduce_flat(tensors, self.group, 1.0, self.device)

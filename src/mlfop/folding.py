@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from mlfop.fully_sharded import ShardLayout, is_sharded, local_tensor
 from mlfop.functional.heads import split_heads
 from mlfop.functional.streams import natural_shares, rescale_factor, rescale_mismatch
 
@@ -46,6 +47,8 @@ UNTAGGED_STREAMS = ("even", "odd")
 
 # Temporaries of the rescale check are made for parameters of at most this many elements at once.
 _CHUNK_ELEMENTS = 2**26
+# The fold order's code is a polynomial hash modulo this prime (exact in float64 collectives).
+_ORDER_MODULUS = 2_147_483_647
 
 
 @dataclass
@@ -57,14 +60,21 @@ class FoldCounts:
     tokens: list[float]
     tokens_given: bool | None  # None before the first fold
     last_stream: int = -1
+    order_code: int = 0  # a hash of the sequence of folded streams (what FSDP2's ranks must share)
 
 
 class FoldReducer(Protocol):
     """Combines the folds of data-parallel ranks (see :mod:`mlfop.distributed`)."""
 
+    syncs_every_fold: bool  # whether every fold's micro-gradient is already the ranks' joint one
+
     def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
         """Check the ranks agree on ``counts``, average ``stream_sums`` (per present stream, its
         buffers) and add up ``noise_sums`` in place; return the global counts."""
+
+    def total(self, tensors: Sequence[Tensor]) -> None:
+        """Add up, in place, sums that each rank took over its share of the parameters (a no-op
+        where every rank holds every parameter)."""
 
     def any(self, flags: Tensor) -> Tensor:
         """The element-wise maximum of ``flags`` over the ranks."""
@@ -119,6 +129,18 @@ def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
             for i, norm in zip(chosen, found):
                 norms[i] = norm
     return norms
+
+
+def _head_squares(param: Tensor, micro: Tensor, num_heads: int, axis: int) -> Tensor:
+    """``(H,)`` float64: the squared norm of each head's slice of ``micro`` (this rank's rows of a
+    sharded parameter: its part of the sum, which the ranks add up)."""
+    if not (is_sharded(param) and axis == 0):  # a row shard holds every column of its rows
+        return split_heads(micro, num_heads, axis).flatten(1).norm(dim=1, dtype=torch.float32).double().square()
+    rows = micro.reshape(micro.shape[0], -1).norm(dim=1, dtype=torch.float32).double().square()
+    start = ShardLayout.of(param, "ML-FOP-SOAP").offset
+    placed = torch.zeros(param.shape[0], dtype=torch.float64, device=rows.device)
+    placed[start : start + rows.numel()] = rows
+    return placed.view(num_heads, -1).sum(1)
 
 
 def _sum_sq(norms: list[Tensor]) -> Tensor:
@@ -228,7 +250,16 @@ class StreamFolds:
                 "fold(tokens=...) must be given for every fold of a step or for none; "
                 "pass the number of loss tokens of each micro-batch, or leave tokens out everywhere"
             )
+        params = list(params)
         with_grad = [p for p in params if p.grad is not None]
+        if not with_grad and any(is_sharded(p) for p in params):
+            raise ValueError(
+                "fold() found no gradient on any parameter of this FSDP2 model. Under "
+                "set_requires_gradient_sync(False) FSDP2 keeps a micro-batch's gradient out of p.grad "
+                "until the synced micro-batch, so its stream cannot be recorded: leave gradient sync on "
+                "(FSDP2's default) for every micro-batch that you fold; each sync is a reduce-scatter, "
+                "and the stream sums stay sharded"
+            )
         if not with_grad:
             raise ValueError(
                 "fold() found no gradient on any parameter; call it after loss.backward() of the "
@@ -245,21 +276,23 @@ class StreamFolds:
         self._add_micro_gradients(k, with_grad)
         counts.micro_batches[k] += 1
         counts.last_stream = k
+        counts.order_code = (counts.order_code * 31 + k + 1) % _ORDER_MODULUS
         counts.tokens_given = token_count is not None
         if token_count is not None:
             counts.tokens[k] += token_count
         # Weak references: a gradient replaced by a new tensor must not be mistaken for the old
         # one whose id it may reuse, and no old gradient is kept alive.
-        self._grad_versions = [(weakref.ref(p.grad), p.grad._version) for p in with_grad]
+        self._grad_versions = [(weakref.ref(p.grad), local_tensor(p.grad)._version) for p in with_grad]
 
     def _add_micro_gradients(self, k: int, with_grad: list[Tensor]) -> None:
         """:math:`S_k \\leftarrow S_k + (\\texttt{p.grad} - \\sum_j S_j)` for every parameter, as
         multi-tensor operations; with the noise estimate the micro-gradients' norms are kept."""
         for param in with_grad:
-            if param not in self._buffers:
+            if param not in self._buffers:  # this rank's rows of a sharded parameter
                 dtype = torch.promote_types(param.dtype, torch.float32)
-                self._buffers[param] = torch.zeros((len(self.names), *param.shape), dtype=dtype, device=param.device)
-        grads = [p.grad for p in with_grad]
+                shape = local_tensor(param).shape
+                self._buffers[param] = torch.zeros((len(self.names), *shape), dtype=dtype, device=param.device)
+        grads = [local_tensor(p.grad) for p in with_grad]
         buffers = [self._buffers[p] for p in with_grad]
         own = [b[k] for b in buffers]
         if self._track_norms:
@@ -279,7 +312,7 @@ class StreamFolds:
         version counter, which every in-place accumulation bumps): no host read."""
         seen = self._grad_versions
         return seen is not None and len(seen) == len(with_grad) and all(
-            ref() is p.grad and version == p.grad._version for (ref, version), p in zip(seen, with_grad)
+            ref() is p.grad and version == local_tensor(p.grad)._version for (ref, version), p in zip(seen, with_grad)
         )
 
     def _micro_norms(self, params: list[Tensor], micro: list[Tensor]) -> Tensor:
@@ -291,13 +324,13 @@ class StreamFolds:
                 self._noise_slots[param] = slice(start, start + groups)
                 self._noise_order.append(param)
         plain = [i for i, p in enumerate(params) if p not in self._head_layouts]
-        norms: list[Tensor | None] = [None] * len(params)
+        squares: list[Tensor | None] = [None] * len(params)
         for i, norm in zip(plain, _norms([micro[i] for i in plain])):
-            norms[i] = norm.view(1)
+            squares[i] = norm.view(1).double().square()
         for i, param in enumerate(params):
-            if norms[i] is None:
-                norms[i] = split_heads(micro[i], *self._head_layouts[param]).flatten(1).norm(dim=1, dtype=torch.float32)
-        flat = torch.cat(norms).double().square()
+            if squares[i] is None:
+                squares[i] = _head_squares(param, micro[i], *self._head_layouts[param])
+        flat = torch.cat(squares)
         if len(params) == len(self._noise_order) and all(a is b for a, b in zip(params, self._noise_order)):
             return flat
         total = self._noise_slots[self._noise_order[-1]].stop
@@ -334,7 +367,7 @@ class StreamFolds:
         nothing is changed then but the reduction. One host read, for the mismatch flag and the
         reach of every parameter together.
         """
-        self._commit_pending_norms(keep=reducer is None)  # under DDP the last fold is the synced one
+        self._commit_pending_norms(keep=reducer is None or reducer.syncs_every_fold)
         folded = [(p, g) for p, g in grads if p in self._buffers]
         if reducer is not None and not self._reduced:
             stream_sums = [[self._buffers[p][k] for p, _ in folded] for k in self.present()]
@@ -346,8 +379,12 @@ class StreamFolds:
         stream_norms = _norms([s[i] for s in sums for i in range(len(present))])  # a stream reaches where > 0
         streams_sq = _sum_sq(stream_norms)
         sums_sq, residuals = self._rescale_pass(folded, sums)
+        if reducer is not None:  # (sharded parameters: each rank summed over its own)
+            reducer.total([grad_sq, streams_sq, sums_sq])
         scale = rescale_factor(grad_sq.to(streams_sq.device), sums_sq)
         residual_sq = _sum_sq([*residuals(scale), *_norms([g for p, g in grads if p not in self._buffers])])
+        if reducer is not None:
+            reducer.total([residual_sq])
         mismatch = rescale_mismatch(residual_sq.to(scale.device), grad_sq.to(scale.device), streams_sq, scale, len(present))
         if reducer is not None:
             mismatch = reducer.any(mismatch.double()) > 0
@@ -383,6 +420,15 @@ class StreamFolds:
             return norms
 
         return sums_sq, residuals
+
+    def local_sums(self, param: Tensor) -> Tensor | None:
+        """``(K, *rows)``: this rank's stacked stream sums of ``param`` (``None`` if no fold saw it)."""
+        return self._buffers.get(param)
+
+    def take_owned(self, sums: dict[Tensor, Tensor]) -> None:
+        """Replace the sharded stream sums by the whole sums ``(K, *shape)`` of the parameters this
+        rank owns (:mod:`mlfop.fully_sharded`); the others leave this rank's step."""
+        self._buffers = dict(sums)
 
     # ------------------------------------------------------------------ reading back
     def stream_gradients(self, params: Sequence[Tensor]) -> dict[str, list[Tensor | None]]:

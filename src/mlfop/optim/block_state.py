@@ -37,6 +37,7 @@ __all__ = [
     "BlockBatch",
     "StateStacks",
     "plan_batches",
+    "preconditioner_cost",
     "MAX_BATCH_ELEMENTS",
 ]
 
@@ -248,6 +249,18 @@ class BlockBatch:
                     state[f"factor_{i}"] = factor[b].contiguous().clone()
                     state[f"basis_{i}"] = basis[b].contiguous().clone()
         return failures
+
+
+def preconditioner_cost(layout: Layout) -> int:
+    r"""A block's step cost in multiply-adds, to balance owner ranks: the elementwise work and two
+    rotations, :math:`n (1 + \sum_i d_i)`, and a refresh, :math:`\sum_i d_i^3`, over the rotated
+    dimensions :math:`d_i` of a block of :math:`n` elements."""
+    block, rotated = layout
+    numel = 1
+    for size in block:
+        numel *= size
+    dims = [size for size, flag in zip(block, rotated) if flag]
+    return numel * (1 + sum(dims)) + sum(d**3 for d in dims)
 
 
 def _batch_elements(layout: Layout) -> int:

@@ -341,12 +341,22 @@ class MLFOPSOAP(SOAP):
         if not self._folds.active:
             super()._step_gradients(work)
             return
-        finished = self._folds.finish([(param, grad) for _, param, grad in work], self._reducer(work))
+        reducer = self._reducer(work)
+        finished = self._folds.finish([(param, grad) for _, param, grad in work], reducer)
         if len(finished.present) == 1:
             super()._step_gradients(work)
         else:
-            self._combined_step(work, finished)
+            self._combined_step(work, finished, reducer)
         self._folds.reset()
+
+    def _shard_pieces(self, param: Tensor, grad: Tensor) -> list[Tensor]:
+        """As :class:`SOAP`, and the parameter's stacked stream sums where a fold saw it."""
+        sums = self._folds.local_sums(param)
+        return super()._shard_pieces(param, grad) + ([] if sums is None else [sums])
+
+    def _take_owned(self, full: dict[Tensor, list[Tensor]]) -> None:
+        if self._folds.active:
+            self._folds.take_owned({param: tensors[2] for param, tensors in full.items() if len(tensors) > 2})
 
     def _refuse(self, configs: list[FOPConfig], where: str) -> None:
         """As :class:`SOAP`; a skipped step also ends the accumulation (its folds are dropped)."""
@@ -354,6 +364,8 @@ class MLFOPSOAP(SOAP):
         self._folds.reset()
 
     def _reducer(self, work: list[tuple[FOPConfig, Tensor, Tensor]]) -> FoldReducer | None:
+        if self._sharding is not None:
+            return self._sharded_reducer()
         group = self.process_group if self.process_group is not None else default_process_group()
         return None if group is None else DDPFoldReducer(group, work[0][1].device)
 
@@ -366,11 +378,13 @@ class MLFOPSOAP(SOAP):
         names = [self.streams[k] for k in present]
         return stream_weights(mode, names, shares, norms, self.options.balance_alpha, device)
 
-    def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], finished: FinishedFolds) -> None:
+    def _combined_step(self, work: list[tuple[FOPConfig, Tensor, Tensor]], finished: FinishedFolds,
+                       reducer: FoldReducer | None) -> None:
         """Pass 1: per batch the streams' statistics and the blocks' own combinations; pass 2:
-        the blocks that take the global beta."""
+        the blocks that take the global beta (the totals added up over the ranks that own
+        parameters: :mod:`mlfop.fully_sharded`)."""
         options, present = self.options, finished.present
-        device = work[0][1].device
+        device = self._params()[0].device
         weights = self._weights(present, finished.shares, device)
         detail = int(options.detail)
         record = StepRecord([self.streams[k] for k in present], detail, self._param_names()) if detail else None
@@ -388,6 +402,8 @@ class MLFOPSOAP(SOAP):
                 self._finish(item, weights, record)
             else:
                 deferred.append(item)
+        if reducer is not None:
+            reducer.total(list(vars(totals).values()))
         beta_raw = beta = torch.zeros(len(present), dtype=torch.float64, device=device)
         if "global" in options.levels and deferred:
             beta_raw, beta = global_beta(totals, weights, deferred[0].batch.config.beta_max, options.noise_shrinkage)

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 
 from mlfop._warnings import warn_at_caller
+from mlfop.distributed import ShardedFoldReducer
+from mlfop.fully_sharded import OwnerSharding, ShardLayout, is_sharded, local_tensor
 from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.functional.soap import soap_update_
 from mlfop.optim.block_state import (
@@ -22,6 +24,7 @@ from mlfop.optim.block_state import (
     materialize_params,
     moment_dtype,
     plan_batches,
+    preconditioner_cost,
     state_dtype,
     state_keys,
     state_shapes,
@@ -157,6 +160,8 @@ class SOAP(torch.optim.Optimizer):
         self.basis_failures = 0
         self._step_counts: dict[Tensor, int] = {}
         self._stacks = StateStacks()
+        self._sharding: OwnerSharding | None = None  # owners of DTensor parameters, built at the first step
+        self._targets: dict[Tensor, Tensor] = {}  # during a sharded step: the whole parameters to update
         torch.optim.Optimizer.__init__(self, materialize_params(params, type(self).__name__), config.to_group())
 
     # ----------------------------------------------------------------- groups and validation
@@ -168,9 +173,25 @@ class SOAP(torch.optim.Optimizer):
             self.config_class.from_group(group)
             for param in group["params"]:
                 check_param(param, type(self).__name__)
+            self._check_sharding()
         except (TypeError, ValueError):
             self.param_groups.pop()
             raise
+        self._sharding = None
+
+    def _check_sharding(self) -> None:
+        """DTensor parameters (FSDP2, HSDP) must be row-sharded, and not mixed with plain ones."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        sharded = [is_sharded(p) for p in params]
+        if any(sharded) and not all(sharded):
+            raise ValueError(
+                f"{type(self).__name__} got {sum(sharded)} DTensor (fully_shard) parameters and "
+                f"{len(params) - sum(sharded)} plain ones; fully_shard the root module too, so that every "
+                f"parameter is sharded, or build one optimizer for each kind"
+            )
+        for param in params:
+            if is_sharded(param):
+                ShardLayout.of(param, type(self).__name__)
 
     # Attributes beyond torch's defaults/state/param_groups that pickling and deepcopy keep.
     _pickled_attributes: tuple[str, ...] = ("skipped_steps", "basis_failures")
@@ -185,6 +206,7 @@ class SOAP(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("basis_failures", 0)
         self._stacks = StateStacks()
+        self._sharding, self._targets = None, {}
         self._read_step_counts()
 
     def _read_step_counts(self) -> None:
@@ -308,9 +330,51 @@ class SOAP(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._gradients()
-        if self._accepts(work):
+        sharding = self._owner_sharding()
+        if sharding is not None:
+            self._step_sharded(sharding, work)
+        elif self._accepts(work):
             self._step_gradients(work)
         return loss
+
+    # ------------------------------------------------------------------ sharded parameters
+    def _owner_sharding(self) -> OwnerSharding | None:
+        """The owner ranks of DTensor parameters (see :mod:`mlfop.fully_sharded`), else ``None``."""
+        if self._sharding is None:
+            pairs = [(self.config_class.trusted(g), p) for g in self.param_groups for p in g["params"]]
+            if not pairs or not is_sharded(pairs[0][1]):
+                return None
+            costs = {p: preconditioner_cost(layout_of(config, p)) for config, p in pairs}
+            self._sharding = OwnerSharding([p for _, p in pairs], costs.__getitem__, type(self).__name__)
+        return self._sharding
+
+    def _sharded_reducer(self) -> ShardedFoldReducer:
+        return ShardedFoldReducer(self._sharding.group, self._sharding.device)
+
+    def _step_sharded(self, sharding: OwnerSharding, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
+        """Owner-rank step: each owner gathers its parameters whole, steps them as one process
+        would, and sends every rank its rows back. Every rank keeps a state entry for every
+        parameter (empty where another rank owns it), so DCP never sees an empty state."""
+        params = [param for _, param, _ in work]
+        full = sharding.gather(params, [self._shard_pieces(param, grad) for _, param, grad in work])
+        self._take_owned(full)
+        owned = [(config, param, full[param][0]) for config, param, _ in work if param in full]
+        for param in params:
+            self.state[param]  # (an empty entry where another rank owns it)
+        self._targets = {param: tensors[1] for param, tensors in full.items()}
+        try:
+            if self._accepts(owned, self._sharded_reducer()):
+                self._step_gradients(owned)
+                sharding.scatter(params, self._targets)
+        finally:
+            self._targets = {}
+
+    def _shard_pieces(self, param: Tensor, grad: Tensor) -> list[Tensor]:
+        """This rank's rows of what a parameter's owner needs: the gradient and the parameter."""
+        return [local_tensor(grad), local_tensor(param)]
+
+    def _take_owned(self, full: dict[Tensor, list[Tensor]]) -> None:
+        """Receive the whole tensors of the owned parameters beyond gradient and parameter."""
 
     def _step_gradients(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
         """SOAP on ``p.grad``: each batch is initialised (first call) or takes a step."""
@@ -392,7 +456,7 @@ class SOAP(torch.optim.Optimizer):
             self._step_counts[param] = batch.step
         beta1, beta2 = config.betas
         self.basis_failures += soap_update_(
-            batch.params,
+            [self._targets.get(param, param) for param in batch.params],
             tensors.exp_avg,
             tensors.exp_avg_sq,
             tensors.factors,
@@ -413,23 +477,28 @@ class SOAP(torch.optim.Optimizer):
             update_scale=update_scale,
         )
 
-    def _accepts(self, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> bool:
+    def _accepts(self, work: list[tuple[SOAPConfig, Tensor, Tensor]], reducer: ShardedFoldReducer | None = None) -> bool:
         """Whether every gradient is finite and its squares fit the statistics' dtype (one host
-        read); otherwise apply the ``nonfinite`` policy."""
-        if not work:
+        read), on every rank of the ``reducer``'s group; otherwise apply the ``nonfinite`` policy."""
+        if not work and reducer is None:
             return True
         grads = [grad for _, _, grad in work]
         # ||g||^2 < max keeps every sum of squares of the tensor finite (and NaN/Inf propagate).
         relative = torch._foreach_mul(torch._foreach_norm(grads, 2), [1.0 / _overflow_bound(param) for _, param, _ in work])
-        worst = torch.stack(relative).max() if len(relative) > 1 else relative[0]
+        worst = torch.stack(relative).max() if len(relative) > 1 else relative[0] if relative else torch.zeros(())
+        if reducer is not None:
+            worst = reducer.any(worst.float().view(1))[0]
         if bool(worst < 1.0):
             return True
-        bad = [i for i, value in enumerate(torch.stack(relative).tolist()) if not value < 1.0]
-        self._refuse(
-            [work[i][0] for i in bad],
-            f"{len(bad)} of {len(work)} gradients are not finite or so large that their squares overflow "
-            f"(the first one for a parameter of shape {tuple(work[bad[0]][1].shape)})",
-        )
+        bad = [i for i, value in enumerate(torch.stack(relative).tolist()) if not value < 1.0] if relative else []
+        if reducer is not None:  # the same policy on every rank: the strictest of all groups
+            configs = [self.config_class.trusted(group) for group in self.param_groups]
+            where = "a gradient is not finite or so large that its squares overflow (on one of the ranks)"
+        else:
+            configs = [work[i][0] for i in bad]
+            where = (f"{len(bad)} of {len(work)} gradients are not finite or so large that their squares overflow "
+                     f"(the first one for a parameter of shape {tuple(work[bad[0]][1].shape)})")
+        self._refuse(configs, where)
         return False
 
     def _refuse(self, configs: list[SOAPConfig], where: str) -> None:
