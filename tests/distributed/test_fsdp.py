@@ -43,11 +43,11 @@ def _optimizer(kind: str, model: torch.nn.Module, **options):
                            **options)
 
 
-def _micro_batches(step: int, tokens: bool, permute: bool = False):
+def _micro_batches(step: int, tokens: bool, world: int = WORLD):
     """Per rank, its micro-batches ``(x, y)``; the same on every rank and in the parent."""
     gen = torch.Generator().manual_seed(3000 + step)
     out = []
-    for rank in range(WORLD):
+    for rank in range(world):
         batches = []
         for j in range(MICRO_PER_RANK):
             n = TOKENS[rank][j] if tokens else BATCH
@@ -66,20 +66,20 @@ def _loss(model, x, y, tokens: bool, total_tokens: int, data_parallel: int):
     return err.mean() / MICRO_PER_RANK
 
 
-def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, **options) -> list[torch.Tensor]:
+def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, world: int = WORLD,
+                    **options) -> list[torch.Tensor]:
+    """The reference: the ranks' joint micro-batches in one process (the rows of a joint
+    micro-batch in reverse rank order with ``reverse_rows``, for the rounding floor)."""
     model = _model()
     opt = _optimizer(kind, model, **options)
     for step in range(STEPS):
-        ranks = _micro_batches(step, tokens)
+        ranks = _micro_batches(step, tokens, world)
         total = sum(x.shape[0] for batches in ranks for x, _ in batches)
         for j in range(MICRO_PER_RANK):
-            parts = [ranks[r][j] for r in (reversed(range(WORLD)) if reverse_rows else range(WORLD))]
+            parts = [ranks[r][j] for r in (reversed(range(world)) if reverse_rows else range(world))]
             x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            if tokens:
-                loss = _loss(model, x, y, True, total, 1)
-            else:  # the mean of the ranks' equal-sized micro-batch means
-                loss = _loss(model, x, y, False, total, 1)
-            loss.backward()
+            # (plain: the mean of the ranks' equal-sized micro-batch means)
+            _loss(model, x, y, tokens, total, 1).backward()
             if kind != "soap":
                 opt.fold(STREAM_ORDER[j], tokens=x.shape[0] if tokens else None)
         opt.step()
@@ -90,14 +90,15 @@ def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, **optio
 # ------------------------------------------------------------------------------ the ranks
 
 
-def _sharded_model() -> torch.nn.Module:
+def _sharded_model(mesh=None) -> torch.nn.Module:
+    """The model under ``fully_shard`` (HSDP with a 2-D ``mesh``)."""
     from torch.distributed.fsdp import fully_shard
 
     model = _model()
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     return model
 
 
@@ -105,11 +106,11 @@ def _full_params(model) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _accumulate(model, opt, rank: int, step: int, tokens: bool, streams=STREAM_ORDER) -> None:
-    ranks = _micro_batches(step, tokens)
+def _accumulate(model, opt, rank: int, step: int, tokens: bool, streams=STREAM_ORDER, world: int = WORLD) -> None:
+    ranks = _micro_batches(step, tokens, world)
     total = sum(x.shape[0] for batches in ranks for x, _ in batches)
     for j, (x, y) in enumerate(ranks[rank]):
-        _loss(model, x, y, tokens, total, WORLD).backward()
+        _loss(model, x, y, tokens, total, world).backward()
         if isinstance(opt, mlfop.MLFOPSOAP):
             opt.fold(streams[j], tokens=x.shape[0] if tokens else None)
 
