@@ -67,21 +67,28 @@ def _loss(model, x, y, tokens: bool, total_tokens: int, data_parallel: int):
 
 
 def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, world: int = WORLD,
-                    **options) -> list[torch.Tensor]:
+                    dtype: torch.dtype = torch.float32, split: bool = False, **options) -> list[torch.Tensor]:
     """The reference: the ranks' joint micro-batches in one process (the rows of a joint
-    micro-batch in reverse rank order with ``reverse_rows``, for the rounding floor)."""
-    model = _model()
+    micro-batch in reverse rank order with ``reverse_rows``, for the rounding floor; one
+    backward per rank's part with ``split``, which rounds a low-precision gradient as often
+    as FSDP2's average does, though not in the same places)."""
+    model = _model().to(dtype)
     opt = _optimizer(kind, model, **options)
     for step in range(STEPS):
         ranks = _micro_batches(step, tokens, world)
         total = sum(x.shape[0] for batches in ranks for x, _ in batches)
         for j in range(MICRO_PER_RANK):
             parts = [ranks[r][j] for r in (reversed(range(world)) if reverse_rows else range(world))]
-            x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-            # (plain: the mean of the ranks' equal-sized micro-batch means)
-            _loss(model, x, y, tokens, total, 1).backward()
+            rows = sum(x.shape[0] for x, _ in parts)
+            if split:
+                for x, y in parts:
+                    _loss(model, x.to(dtype), y.to(dtype), tokens, total, world).div(world).backward()
+            else:
+                x, y = torch.cat([p[0] for p in parts]).to(dtype), torch.cat([p[1] for p in parts]).to(dtype)
+                # (plain: the mean of the ranks' equal-sized micro-batch means)
+                _loss(model, x, y, tokens, total, 1).backward()
             if kind != "soap":
-                opt.fold(STREAM_ORDER[j], tokens=x.shape[0] if tokens else None)
+                opt.fold(STREAM_ORDER[j], tokens=rows if tokens else None)
         opt.step()
         opt.zero_grad()
     return _params(model)
@@ -90,11 +97,11 @@ def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, world: 
 # ------------------------------------------------------------------------------ the ranks
 
 
-def _sharded_model(mesh=None) -> torch.nn.Module:
+def _sharded_model(mesh=None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The model under ``fully_shard`` (HSDP with a 2-D ``mesh``)."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model().to(dtype)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -106,24 +113,65 @@ def _full_params(model) -> list[torch.Tensor]:
     return [p.full_tensor().detach().clone() for p in model.parameters()]
 
 
-def _accumulate(model, opt, rank: int, step: int, tokens: bool, streams=STREAM_ORDER, world: int = WORLD) -> None:
+def _accumulate(model, opt, rank: int, step: int, tokens: bool, streams=STREAM_ORDER, world: int = WORLD,
+                dtype: torch.dtype = torch.float32) -> None:
     ranks = _micro_batches(step, tokens, world)
     total = sum(x.shape[0] for batches in ranks for x, _ in batches)
     for j, (x, y) in enumerate(ranks[rank]):
-        _loss(model, x, y, tokens, total, world).backward()
+        _loss(model, x.to(dtype), y.to(dtype), tokens, total, world).backward()
         if isinstance(opt, mlfop.MLFOPSOAP):
             opt.fold(streams[j], tokens=x.shape[0] if tokens else None)
 
 
-def _train(rank: int, kind: str, tokens: bool = False, **options) -> dict:
-    model = _sharded_model()
+def _train(rank: int, kind: str, tokens: bool = False, dtype: torch.dtype = torch.float32, **options) -> dict:
+    model = _sharded_model(dtype=dtype)
     opt = _optimizer(kind, model, **options)
     for step in range(STEPS):
-        _accumulate(model, opt, rank, step, tokens)
+        _accumulate(model, opt, rank, step, tokens, dtype=dtype)
         opt.step()
         opt.zero_grad()
     owned = sum(1 for p in model.parameters() if opt.state[p])
     return {"params": _full_params(model), "owned": owned}
+
+
+def _counted_step(rank: int, kind: str) -> dict:
+    """Bytes this rank sends to the others in the optimizer's collectives during one step (the
+    second, a regular one), counted by wrapping them; and what the docs' formula predicts."""
+    import torch.distributed as dist
+
+    model = _sharded_model()
+    opt = _optimizer(kind, model)
+    _accumulate(model, opt, rank, 0, False)
+    opt.step()
+    opt.zero_grad()
+    _accumulate(model, opt, rank, 1, False)
+    counted = {"all_to_all": 0, "small": 0}
+    originals = {name: getattr(dist, name) for name in ("all_to_all_single", "all_reduce", "all_gather")}
+
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
+        me = dist.get_rank(group)
+        counted["all_to_all"] += sum(n for r, n in enumerate(input_split_sizes) if r != me) * input.element_size()
+        return originals["all_to_all_single"](output, input, output_split_sizes, input_split_sizes, group, **kw)
+
+    def small(name):
+        def wrapped(tensor_or_list, tensor=None, *args, **kw):
+            counted["small"] += (tensor if name == "all_gather" else tensor_or_list).nbytes
+            return originals[name](tensor_or_list, *(() if tensor is None else (tensor,)), *args, **kw)
+        return wrapped
+
+    try:
+        dist.all_to_all_single = all_to_all_single
+        dist.all_reduce, dist.all_gather = small("all_reduce"), small("all_gather")
+        opt.step()
+    finally:
+        for name, function in originals.items():
+            setattr(dist, name, function)
+    sharding, k = opt._sharding, 2 if kind == "mlfop" else 0
+    predicted = 0
+    for p in model.parameters():  # 4-byte elements: (2 + K) local rows out, the others' rows back
+        local, whole = p.to_local().numel(), p.numel()
+        predicted += 4 * ((2 + k) * local if sharding.owners[p] != sharding.rank else whole - local)
+    return {**counted, "predicted": predicted, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _snapshot(model, opt) -> list[torch.Tensor]:
@@ -262,6 +310,9 @@ SCENARIOS = {
     "soap": lambda rank: _train(rank, "soap"),
     "mlfop": lambda rank: _train(rank, "mlfop"),
     "mlfop_tokens": lambda rank: _train(rank, "mlfop", tokens=True),
+    "mlfop_bf16": lambda rank: _train(rank, "mlfop", dtype=torch.bfloat16),
+    "bytes_soap": lambda rank: _counted_step(rank, "soap"),
+    "bytes_mlfop": lambda rank: _counted_step(rank, "mlfop"),
     "uneven_rows": _uneven_rows,
     "order_differs": lambda rank: _refused(rank, [STREAM_ORDER, ("text", "image", "image", "text")]),
     "no_sync": _no_sync,
@@ -296,6 +347,31 @@ def test_fsdp2_matches_single_process(ranks, scenario, kind, tokens):
     if kind == "mlfop":  # the comparison can fail: the noise estimate off moves the result
         other = _single_process(kind, tokens, noise_shrinkage=False)
         assert _relative(other, reference, start) > 100 * max(distance, 1e-7)
+
+
+def test_fsdp2_bf16_parameters_match_single_process(ranks):
+    rank0, rank1 = scenario_results(ranks, "mlfop_bf16")
+    for a, b in zip(rank0["params"], rank1["params"]):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+    start = [p.to(torch.bfloat16) for p in _params(_model())]
+    reference = _single_process("mlfop", False, dtype=torch.bfloat16)
+    floor = _relative(_single_process("mlfop", False, split=True, dtype=torch.bfloat16), reference, start)
+    distance = _relative(rank0["params"], reference, start)
+    print(f"mlfop bf16: rounding floor {floor:.2e}, fsdp2-vs-single {distance:.2e} (of the displacement)")
+    assert distance <= max(_FLOORS * floor, 1e-6)
+
+
+@pytest.mark.parametrize(("scenario", "streams"), [("bytes_soap", 0), ("bytes_mlfop", 2)])
+def test_fsdp2_step_sends_the_bytes_of_the_formula(ranks, scenario, streams):
+    outcomes = scenario_results(ranks, scenario)
+    for rank, outcome in enumerate(outcomes):
+        print(f"{scenario} rank {rank}: {outcome['all_to_all']} B in all_to_all (formula {outcome['predicted']}), "
+              f"{outcome['small']} B in small collectives; {outcome['parameters']} parameters")
+        assert outcome["all_to_all"] == outcome["predicted"]
+        assert outcome["small"] <= 1024  # flags, scalars and the fold descriptors
+    # Over the ranks: (K + 2) rows out per parameter, 1 back, of the (W - 1) / W not held.
+    total = sum(o["all_to_all"] for o in outcomes)
+    assert total == 4 * (streams + 3) * outcomes[0]["parameters"] * (WORLD - 1) // WORLD
 
 
 def test_owner_gather_and_scatter_with_uneven_rows(ranks):
