@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mlfop.folding import FoldCounts
+from mlfop.functional.soap import power_iteration_basis
 
-__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer"]
+__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer", "RefreshSharding"]
 
 
 def default_process_group():
@@ -137,3 +138,39 @@ class ShardedFoldReducer(DDPFoldReducer):
     def total(self, tensors: Sequence[Tensor]) -> None:
         """Add up the ranks' partial sums in place."""
         all_reduce_flat(tensors, self.group, 1.0, self.device)
+
+
+class RefreshSharding:
+    r"""The eigenbasis refresh of replicated blocks (DDP), each block on one rank of ``group``.
+
+    A refresh (one power-iteration step and a QR per rotated dimension, :math:`O(d^3)`) is the
+    same work on every replica. Here block :math:`b` of the :math:`n`-th refreshed stack is
+    refreshed by rank :math:`(n + b) \bmod W` only; each rank fills in its blocks' new bases,
+    orders and failure counts, and one all-reduce (a sum with the other ranks' zeros, which is
+    exact) gives every rank all of them. The refresh work divides by the world size at the cost
+    of an all-reduce of the stacked bases; the results are those of :func:`power_iteration_basis`
+    on every block, as one process computes them.
+    """
+
+    def __init__(self, group, device: torch.device) -> None:
+        self.group = group
+        self.device = device
+        self._calls = 0  # the rotating start, the same on every rank (the calls come in one order)
+
+    def __call__(self, factors: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, int]:
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        blocks, size = bases.shape[0], bases.shape[-1]
+        mine = torch.tensor([b for b in range(blocks) if (self._calls + b) % world == rank], dtype=torch.long,
+                            device=bases.device)
+        self._calls += blocks
+        new_bases = torch.zeros_like(bases)
+        order = torch.zeros(blocks, size, dtype=bases.dtype, device=bases.device)  # exact up to 2**24 in float32
+        failures = torch.zeros(1, dtype=bases.dtype, device=bases.device)
+        if mine.numel():
+            own_bases, own_order, own_failures = power_iteration_basis(factors[mine], bases[mine])
+            new_bases[mine] = own_bases
+            order[mine] = own_order.to(bases.dtype)
+            failures += own_failures
+        all_reduce_flat([new_bases, order, failures], self.group, 1.0, self.device)
+        return new_bases, order.long(), int(failures.item())  # (one read, on refresh steps only)
+

@@ -199,14 +199,20 @@ def apply_update_(
         torch._foreach_mul_(list(params), decay)
 
 
+BasisStep = Callable[[Tensor, Tensor], tuple[Tensor, Tensor, int]]
+
+
 def refresh_bases_(
-    factors: Sequence[Tensor | None], bases: Sequence[Tensor | None], exp_avg: Tensor, exp_avg_sq: Tensor
+    factors: Sequence[Tensor | None], bases: Sequence[Tensor | None], exp_avg: Tensor, exp_avg_sq: Tensor,
+    basis_step: BasisStep = power_iteration_basis,
 ) -> int:
     """Refresh every basis in place by one power-iteration step; return how many failed.
 
     ``exp_avg_sq`` is re-indexed along each refreshed dimension so that every entry stays with
     its direction; ``exp_avg`` is carried exactly into the new bases. A block whose QR fails
-    (also in float64) keeps its previous basis and order along that dimension.
+    (also in float64) keeps its previous basis and order along that dimension. ``basis_step``
+    computes ``(new_bases, order, failures)`` as :func:`power_iteration_basis` does (a
+    distributed one shares the blocks' work out over ranks: :class:`mlfop.distributed.RefreshSharding`).
     """
     compute = next((b.dtype for b in bases if b is not None), exp_avg.dtype)
     momentum = unrotate(exp_avg.to(compute), bases)
@@ -214,7 +220,7 @@ def refresh_bases_(
     for dim, (factor, basis) in enumerate(zip(factors, bases)):
         if basis is None:
             continue
-        new_basis, order, failed = power_iteration_basis(factor, basis)
+        new_basis, order, failed = basis_step(factor, basis)
         axis = exp_avg_sq.dim() - len(bases) + dim
         index_shape = [1] * exp_avg_sq.dim()
         index_shape[0], index_shape[axis] = order.shape
@@ -246,6 +252,7 @@ def soap_update_(
     correct_bias: bool,
     normalize_grads: bool,
     update_scale: Tensor | None = None,
+    basis_step: BasisStep = power_iteration_basis,
 ) -> int:
     """One real SOAP step of a batch of blocks (all at step ``t = step >= 1``).
 
@@ -269,5 +276,5 @@ def soap_update_(
     )
     ema_factors_(factors, factor_statistics, factor_beta)
     if step % precondition_frequency == 0:
-        return refresh_bases_(factors, bases, exp_avg, exp_avg_sq)
+        return refresh_bases_(factors, bases, exp_avg, exp_avg_sq, basis_step)
     return 0

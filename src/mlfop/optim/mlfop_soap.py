@@ -167,14 +167,12 @@ class MLFOPSOAP(SOAP):
             per factor and step (False) (default: True).
         diagnostics (str): detail of :meth:`diagnostics`: ``"off"``, ``"global"``, ``"block"``
             or ``"head"`` (default: "global").
-        process_group: group whose ranks fold data-parallel shares of the batch; ``None`` uses
-            the world group when ``torch.distributed`` runs with several ranks (default: None).
 """
 
     config_class = FOPConfig
     state_kind = "MLFOPSOAP"
     _pickled_attributes = SOAP._pickled_attributes + (
-        "options", "head_layouts", "process_group", "_norm_ema", "_norm_started", "_record", "_folds",
+        "options", "head_layouts", "_norm_ema", "_norm_started", "_record", "_folds",
     )
 
     def __init__(
@@ -209,6 +207,7 @@ class MLFOPSOAP(SOAP):
         noise_shrinkage: bool = True,
         stream_statistics: bool = True,
         diagnostics: str = "global",
+        shard_refresh: bool = False,
         process_group: Any = None,
     ) -> None:
         params = materialize_params(params, type(self).__name__)
@@ -218,13 +217,13 @@ class MLFOPSOAP(SOAP):
             stream_statistics=stream_statistics, diagnostics=diagnostics, heads_strict=heads_strict,
         )
         self.head_layouts = resolve_head_layouts(heads, params, strict=heads_strict)
-        self.process_group = process_group
         self._norm_ema: Tensor | None = None  # (K,) float64 EMA of each stream's norm, for "balanced"
         self._norm_started = [False] * len(self.streams)
         self._record: StepRecord | None = None
         active_heads = self.head_layouts if "head" in self.options.levels else {}
         self._folds = StreamFolds(self.streams, track_norms=noise_shrinkage, head_layouts=active_heads)
-        self._init_from_config(params, FOPConfig.from_group(locals()))  # the SOAP and FOP arguments, validated
+        # the SOAP and FOP arguments, validated
+        self._init_from_config(params, FOPConfig.from_group(locals()), shard_refresh, process_group)
 
     @property
     def streams(self) -> tuple[str, ...]:

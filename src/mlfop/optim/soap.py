@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from mlfop._warnings import warn_at_caller
-from mlfop.distributed import ShardedFoldReducer
+from mlfop.distributed import RefreshSharding, ShardedFoldReducer, default_process_group
+from mlfop.functional.soap import BasisStep, power_iteration_basis
 from mlfop.fully_sharded import OwnerSharding, ShardLayout, is_sharded, local_tensor
 from mlfop.functional.rotation import kronecker_statistics, rotate
 from mlfop.functional.soap import soap_update_
@@ -67,6 +68,13 @@ SOAP_ARGS_DOC = r"""
         batched (bool, optional): step same-shaped blocks together in batched kernels; False
             steps one block at a time, which bounds the extra memory to one block's working
             set (default: True).
+        shard_refresh (bool, optional): under DDP, refresh each block's eigenbasis on one rank
+            of ``process_group`` and share the results (one all-reduce of the bases per refresh),
+            so the refresh work divides by the number of ranks; the step is unchanged (default:
+            False). Parameters sharded by FSDP2 are refreshed by their owner ranks anyway.
+        process_group: the replicas' group (DDP: the ranks that fold data-parallel shares of
+            the batch, for ML-FOP-SOAP); ``None`` uses the world group when ``torch.distributed``
+            runs with several ranks (default: None).
 """
 
 _FP32_STATE_KEYS_NOTE = """
@@ -149,13 +157,22 @@ class SOAP(torch.optim.Optimizer):
         nonfinite: str = "skip",
         batched: bool = True,
         state_dtype: torch.dtype | str | None = None,
+        shard_refresh: bool = False,
+        process_group: Any = None,
     ) -> None:
-        # Every argument but params is a config field: validated and flattened in one place.
+        # Every argument but params and the distributed two is a config field: validated and
+        # flattened in one place.
         config = SOAPConfig.from_group(locals())
-        self._init_from_config(params, config)
+        self._init_from_config(params, config, shard_refresh, process_group)
 
-    def _init_from_config(self, params: Iterable[Any], config: SOAPConfig) -> None:
+    def _init_from_config(self, params: Iterable[Any], config: SOAPConfig, shard_refresh: bool,
+                          process_group: Any) -> None:
         """Shared by subclasses: counters, then ``torch.optim.Optimizer`` with plain group values."""
+        if not isinstance(shard_refresh, bool):
+            raise TypeError(f"shard_refresh must be True or False, got {type(shard_refresh).__name__} ({shard_refresh!r})")
+        self.shard_refresh = shard_refresh
+        self.process_group = process_group
+        self._refresh_sharding: RefreshSharding | None = None
         self.skipped_steps = 0
         self.basis_failures = 0
         self._step_counts: dict[Tensor, int] = {}
@@ -194,7 +211,7 @@ class SOAP(torch.optim.Optimizer):
                 ShardLayout.of(param, type(self).__name__)
 
     # Attributes beyond torch's defaults/state/param_groups that pickling and deepcopy keep.
-    _pickled_attributes: tuple[str, ...] = ("skipped_steps", "basis_failures")
+    _pickled_attributes: tuple[str, ...] = ("skipped_steps", "basis_failures", "shard_refresh", "process_group")
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
@@ -206,7 +223,9 @@ class SOAP(torch.optim.Optimizer):
         self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("basis_failures", 0)
         self._stacks = StateStacks()
-        self._sharding, self._targets = None, {}
+        self.__dict__.setdefault("shard_refresh", False)
+        self.__dict__.setdefault("process_group", None)
+        self._sharding, self._targets, self._refresh_sharding = None, {}, None
         self._read_step_counts()
 
     def _read_step_counts(self) -> None:
@@ -475,7 +494,23 @@ class SOAP(torch.optim.Optimizer):
             correct_bias=config.correct_bias,
             normalize_grads=config.normalize_grads,
             update_scale=update_scale,
+            basis_step=self._basis_step(),
         )
+
+    def _basis_step(self) -> BasisStep:
+        """The refresh's power-iteration step: shared out over the replicas with ``shard_refresh``."""
+        if not self.shard_refresh or self._sharding is not None:
+            return power_iteration_basis
+        if self._refresh_sharding is None:
+            group = self.process_group if self.process_group is not None else default_process_group()
+            if group is None:
+                return power_iteration_basis
+            self._refresh_sharding = RefreshSharding(group, self._device())
+        return self._refresh_sharding
+
+    def _device(self) -> torch.device:
+        """The parameters' device (where every tensor that enters a collective lives)."""
+        return self.param_groups[0]["params"][0].device
 
     def _accepts(self, work: list[tuple[SOAPConfig, Tensor, Tensor]], reducer: ShardedFoldReducer | None = None) -> bool:
         """Whether every gradient is finite and its squares fit the statistics' dtype (one host
