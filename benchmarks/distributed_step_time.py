@@ -5,8 +5,9 @@ Each rank builds the same stack of square linear layers; the modes (DDP or FSDP2
 side by side and timed interleaved, round by round in a rotated order, so that machine load
 hits all alike. Per step: ``--accumulation`` micro-batches (DDP: ``no_sync()`` on all but the
 last; FSDP2: its default sync after each, which folding needs), then ``opt.step()``. Rank 0
-prints a Markdown table of the medians over the rounds (the slowest rank's time per round) and
-their ratios to DDP + SOAP. These are CPU timings on a shared machine: they compare the modes
+prints a Markdown table of the medians over the rounds (the slowest rank's time per round), the
+mean step (which counts the refresh every ``--precondition-frequency`` steps; ``shard_refresh``
+divides it over the ranks) and ratios to DDP + SOAP. These are CPU timings on a shared machine: they compare the modes
 with each other here and say nothing about a GPU cluster.
 """
 
@@ -27,7 +28,7 @@ from torch import nn
 
 import mlfop
 
-MODES = ("ddp+soap", "ddp+mlfop", "fsdp2+soap", "fsdp2+mlfop")
+MODES = ("ddp+soap", "ddp+mlfop", "ddp+soap+shard_refresh", "ddp+mlfop+shard_refresh", "fsdp2+soap", "fsdp2+mlfop")
 
 
 def _model(width: int, layers: int) -> nn.Module:
@@ -50,8 +51,10 @@ def _setup(mode: str, args: argparse.Namespace):
         fully_shard(model)
         sync_each = True
     params = list(model.parameters())
-    fold = mode.endswith("mlfop")
-    opt = mlfop.MLFOPSOAP(params, lr=1e-3) if fold else mlfop.SOAP(params, lr=1e-3)
+    fold = "mlfop" in mode
+    options = {"lr": 1e-3, "precondition_frequency": args.precondition_frequency,
+               "shard_refresh": mode.endswith("shard_refresh")}
+    opt = mlfop.MLFOPSOAP(params, **options) if fold else mlfop.SOAP(params, **options)
 
     def context(last: bool):
         return contextlib.nullcontext() if sync_each or last else wrapper.no_sync()
@@ -101,14 +104,17 @@ def _print_table(times: dict[str, list[tuple[float, float]]], world: int, args: 
     print(f"{world} gloo ranks (CPU, one thread each), {args.layers} x Linear({args.width}, {args.width}), "
           f"{args.accumulation} micro-batches of {args.micro_batch} per rank and step, {args.rounds} rounds; "
           f"ratios to {args.modes[0]}")
-    print("| mode | accumulate ms | step ms | train step ms | step ratio | train step ratio |")
-    print("|---|---|---|---|---|---|")
+    base_mean = statistics.mean(s for _, s in times[args.modes[0]])
+    print("| mode | accumulate ms | step ms | mean step ms | train step ms | step ratio | mean step ratio "
+          "| train step ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in args.modes:
         accumulate = statistics.median(a for a, _ in times[mode])
         step = statistics.median(s for _, s in times[mode])
+        mean = statistics.mean(s for _, s in times[mode])
         total = statistics.median(a + s for a, s in times[mode])
-        print(f"| {mode} | {1e3 * accumulate:.2f} | {1e3 * step:.2f} | {1e3 * total:.2f} | {step / base:.2f} "
-              f"| {total / base_total:.2f} |")
+        print(f"| {mode} | {1e3 * accumulate:.2f} | {1e3 * step:.2f} | {1e3 * mean:.2f} | {1e3 * total:.2f} "
+              f"| {step / base:.2f} | {mean / base_mean:.2f} | {total / base_total:.2f} |")
 
 
 def _free_port() -> int:
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accumulation", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--precondition-frequency", type=int, default=10)
     args = parser.parse_args(argv)
     for world in args.world:
         mp.spawn(_worker, args=(world, _free_port(), args), nprocs=world, join=True)
