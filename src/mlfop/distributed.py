@@ -34,15 +34,18 @@ def default_process_group():
     return None
 
 
-def all_reduce_flat(tensors: Sequence[Tensor], group, divisor: float, device: torch.device | None = None) -> None:
+def all_reduce_flat(tensors: Sequence[Tensor], group, divisor: float, device: torch.device | None = None,
+                    dtype: torch.dtype | None = None) -> None:
     """Sum ``tensors`` over the ranks in one flat bucket (on ``device``, else the first
-    tensor's), divide by ``divisor``, copy back in place."""
+    tensor's; in ``dtype``, else theirs), copy back in place and divide by ``divisor``."""
     if not tensors:
         return
-    flat = torch.cat([t.reshape(-1).to(device or tensors[0].device) for t in tensors])
+    flat = torch.cat([t.reshape(-1).to(device=device or tensors[0].device, dtype=dtype or t.dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    flat.div_(divisor)
-    torch._foreach_copy_(list(tensors), [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    tensors = list(tensors)
+    torch._foreach_copy_(tensors, [chunk.view_as(t) for chunk, t in zip(flat.split([t.numel() for t in tensors]), tensors)])
+    if divisor != 1.0:
+        torch._foreach_div_(tensors, divisor)
 
 
 class DDPFoldReducer:
@@ -50,9 +53,12 @@ class DDPFoldReducer:
 
     syncs_every_fold = False  # DDP syncs the last micro-batch only
 
-    def __init__(self, group, device: torch.device) -> None:
+    def __init__(self, group, device: torch.device, communication_dtype: torch.dtype | None = None) -> None:
         self.group = group
         self.device = device
+        self.communication_dtype = communication_dtype  # of the stream sums (bfloat16 halves their bytes)
+        # The rescale check then allows the narrower dtype's rounding of the reduced sums.
+        self.rounding = 0.0 if communication_dtype is None else torch.finfo(communication_dtype).eps
 
     def _agree(self, counts: FoldCounts, parameters: int, elements: int) -> Tensor:
         """All ranks' descriptors ``(world, 4 + 3K)``, after checking the ranks folded alike.
@@ -92,7 +98,7 @@ class DDPFoldReducer:
         buffers = stream_sums[0] if stream_sums else []
         table = self._agree(counts, len(buffers), sum(b.numel() for b in buffers))
         for sums in stream_sums:
-            all_reduce_flat(sums, self.group, world)
+            all_reduce_flat(sums, self.group, world, dtype=self.communication_dtype)
         if noise_sums is not None:
             all_reduce_flat([noise_sums], self.group, world * world)
         return replace(

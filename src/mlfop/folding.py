@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mlfop.fully_sharded import ShardLayout, is_sharded, local_tensor
 from mlfop.functional.heads import split_heads
-from mlfop.functional.streams import natural_shares, rescale_factor, rescale_mismatch
+from mlfop.functional.streams import RESCALE_RTOL, natural_shares, rescale_factor, rescale_mismatch
 
 __all__ = ["StreamFolds", "FoldCounts", "FinishedFolds", "FoldReducer", "UNTAGGED_STREAMS"]
 
@@ -67,6 +67,7 @@ class FoldReducer(Protocol):
     """Combines the folds of data-parallel ranks (see :mod:`mlfop.distributed`)."""
 
     syncs_every_fold: bool  # whether every fold's micro-gradient is already the ranks' joint one
+    rounding: float  # relative rounding of the reduced stream sums (0: exact in their own dtype)
 
     def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
         """Check the ranks agree on ``counts``, average ``stream_sums`` (per present stream, its
@@ -385,7 +386,9 @@ class StreamFolds:
         residual_sq = _sum_sq([*residuals(scale), *_norms([g for p, g in grads if p not in self._buffers])])
         if reducer is not None:
             reducer.total([residual_sq])
-        mismatch = rescale_mismatch(residual_sq.to(scale.device), grad_sq.to(scale.device), streams_sq, scale, len(present))
+        rtol = max(RESCALE_RTOL, 0.0 if reducer is None else reducer.rounding)
+        mismatch = rescale_mismatch(residual_sq.to(scale.device), grad_sq.to(scale.device), streams_sq, scale,
+                                    len(present), rtol)
         if reducer is not None:
             mismatch = reducer.any(mismatch.double()) > 0
         flags = mismatch.view(1).double()

@@ -148,10 +148,12 @@ def rescale_factor(grad_sq: Tensor, sums_sq: Tensor) -> Tensor:
     return torch.where((c - 1.0).abs() <= 1e-6, 1.0, c)
 
 
-def rescale_mismatch(residual_sq: Tensor, grad_sq: Tensor, streams_sq: Tensor, c: Tensor, streams: int) -> Tensor:
+def rescale_mismatch(residual_sq: Tensor, grad_sq: Tensor, streams_sq: Tensor, c: Tensor, streams: int,
+                     rtol: float = RESCALE_RTOL) -> Tensor:
     """Whether ``p.grad - c sum_k S_k`` is more than rounding: its norm above
-    ``1e-5 (||p.grad|| + c K ||S||)``, with :math:`\\lVert S\\rVert` the streams' joint norm (0-d bool)."""
-    tolerance = RESCALE_RTOL * (grad_sq.sqrt() + c * streams * streams_sq.sqrt())
+    ``rtol (||p.grad|| + c K ||S||)`` (1e-5 unless the sums crossed the ranks in a narrower
+    dtype), with :math:`\\lVert S\\rVert` the streams' joint norm (0-d bool)."""
+    tolerance = rtol * (grad_sq.sqrt() + c * streams * streams_sq.sqrt())
     return residual_sq.sqrt() > tolerance
 
 

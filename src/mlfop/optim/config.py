@@ -256,6 +256,7 @@ class FOPOptions:
     stream_statistics: bool = True
     diagnostics: str = "global"
     heads_strict: bool = False
+    stream_communication_dtype: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stream_weights", check_stream_weights(self.stream_weights, self.streams))
@@ -267,12 +268,26 @@ class FOPOptions:
         for name in ("noise_shrinkage", "stream_statistics", "heads_strict"):
             _check_bool(name, getattr(self, name))
         DetailLevel.parse(self.diagnostics)
+        dtype = self.stream_communication_dtype
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype not in (None, "bfloat16"):
+            raise ValueError(
+                f"stream_communication_dtype must be None (the stream sums' own dtype) or 'bfloat16' "
+                f"(halves the bytes of the stream sums in collectives), got {self.stream_communication_dtype!r}"
+            )
+        object.__setattr__(self, "stream_communication_dtype", dtype)
         object.__setattr__(self, "balance_alpha", float(self.balance_alpha))
         object.__setattr__(self, "balance_beta", float(self.balance_beta))
 
     @property
     def detail(self) -> DetailLevel:
         return DetailLevel.parse(self.diagnostics)
+
+    @property
+    def communication_dtype(self) -> torch.dtype | None:
+        """The dtype of the stream sums in collectives (``None``: their own)."""
+        return None if self.stream_communication_dtype is None else getattr(torch, self.stream_communication_dtype)
 
     def weight_mode(self) -> str | dict[str, float]:
         """The mode in force: without the global level the weights are the natural ones."""

@@ -167,6 +167,10 @@ class MLFOPSOAP(SOAP):
             per factor and step (False) (default: True).
         diagnostics (str): detail of :meth:`diagnostics`: ``"off"``, ``"global"``, ``"block"``
             or ``"head"`` (default: "global").
+        stream_communication_dtype (torch.dtype or str or None): the dtype of the stream sums in
+            collectives: ``torch.bfloat16`` halves their bytes (DDP's all-reduce of the streams,
+            FSDP2's gather to the owners) at the cost of bf16 rounding of the streams; the math
+            stays float32 (default: None, their own dtype).
 """
 
     config_class = FOPConfig
@@ -207,6 +211,7 @@ class MLFOPSOAP(SOAP):
         noise_shrinkage: bool = True,
         stream_statistics: bool = True,
         diagnostics: str = "global",
+        stream_communication_dtype: torch.dtype | str | None = None,
         shard_refresh: bool = False,
         process_group: Any = None,
     ) -> None:
@@ -215,6 +220,7 @@ class MLFOPSOAP(SOAP):
             streams=check_streams(streams, UNTAGGED_STREAMS), stream_weights=stream_weights, levels=levels,
             balance_alpha=balance_alpha, balance_beta=balance_beta, noise_shrinkage=noise_shrinkage,
             stream_statistics=stream_statistics, diagnostics=diagnostics, heads_strict=heads_strict,
+            stream_communication_dtype=stream_communication_dtype,
         )
         self.head_layouts = resolve_head_layouts(heads, params, strict=heads_strict)
         self._norm_ema: Tensor | None = None  # (K,) float64 EMA of each stream's norm, for "balanced"
@@ -340,7 +346,7 @@ class MLFOPSOAP(SOAP):
         if not self._folds.active:
             super()._step_gradients(work)
             return
-        reducer = self._reducer(work)
+        reducer = self._reducer()
         finished = self._folds.finish([(param, grad) for _, param, grad in work], reducer)
         if len(finished.present) == 1:
             super()._step_gradients(work)
@@ -351,22 +357,24 @@ class MLFOPSOAP(SOAP):
     def _shard_pieces(self, param: Tensor, grad: Tensor) -> list[Tensor]:
         """As :class:`SOAP`, and the parameter's stacked stream sums where a fold saw it."""
         sums = self._folds.local_sums(param)
-        return super()._shard_pieces(param, grad) + ([] if sums is None else [sums])
+        dtype = self.options.communication_dtype
+        return super()._shard_pieces(param, grad) + ([] if sums is None else [sums if dtype is None else sums.to(dtype)])
 
     def _take_owned(self, full: dict[Tensor, list[Tensor]]) -> None:
         if self._folds.active:
-            self._folds.take_owned({param: tensors[2] for param, tensors in full.items() if len(tensors) > 2})
+            self._folds.take_owned({param: tensors[2].to(torch.promote_types(param.dtype, torch.float32))
+                                    for param, tensors in full.items() if len(tensors) > 2})
 
     def _refuse(self, configs: list[FOPConfig], where: str) -> None:
         """As :class:`SOAP`; a skipped step also ends the accumulation (its folds are dropped)."""
         super()._refuse(configs, where)
         self._folds.reset()
 
-    def _reducer(self, work: list[tuple[FOPConfig, Tensor, Tensor]]) -> FoldReducer | None:
+    def _reducer(self) -> FoldReducer | None:
         if self._sharding is not None:
-            return self._sharded_reducer()
+            return self._sharded_reducer(self.options.communication_dtype)
         group = self.process_group if self.process_group is not None else default_process_group()
-        return None if group is None else DDPFoldReducer(group, work[0][1].device)
+        return None if group is None else DDPFoldReducer(group, self._device(), self.options.communication_dtype)
 
     def _weights(self, present: list[int], shares: list[float], device: torch.device) -> Tensor:
         """Weights ``w`` of the present streams for this step (sum 1, float64, on ``device``)."""

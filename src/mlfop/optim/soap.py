@@ -367,8 +367,8 @@ class SOAP(torch.optim.Optimizer):
             self._sharding = OwnerSharding([p for _, p in pairs], costs.__getitem__, type(self).__name__)
         return self._sharding
 
-    def _sharded_reducer(self) -> ShardedFoldReducer:
-        return ShardedFoldReducer(self._sharding.group, self._sharding.device)
+    def _sharded_reducer(self, communication_dtype: torch.dtype | None = None) -> ShardedFoldReducer:
+        return ShardedFoldReducer(self._sharding.group, self._sharding.device, communication_dtype)
 
     def _step_sharded(self, sharding: OwnerSharding, work: list[tuple[SOAPConfig, Tensor, Tensor]]) -> None:
         """Owner-rank step: each owner gathers its parameters whole, steps them as one process
