@@ -75,3 +75,20 @@ def scenario_results(ranks: list[dict], name: str) -> list[dict]:
         assert "crash" not in results[name], f"rank {rank}, {name}:\n{results[name]['crash']}"
         found.append(results[name])
     return found
+
+
+def attempt_step(opt, snapshot) -> dict:
+    """``opt.step()`` where it should be refused: the ``ValueError``'s message (``None`` if it
+    stepped), the seconds it took (a refusal must not wait in a collective), and whether
+    ``snapshot()`` (parameters and state) is unchanged."""
+    before = snapshot()
+    start = time.perf_counter()
+    error = None
+    try:
+        opt.step()
+    except ValueError as exc:
+        error = str(exc)
+    elapsed = time.perf_counter() - start
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    return {"error": error, "elapsed": elapsed, "unchanged": unchanged}
+

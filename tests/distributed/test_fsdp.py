@@ -10,11 +10,10 @@ that joint micro-gradient, so even the noise estimate is the same.
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 import torch
-from rank_spawn import run_ranks, scenario_results
+from rank_spawn import attempt_step, run_ranks, scenario_results
 from test_ddp_folding import _model, _params, _relative
 
 import mlfop
@@ -189,20 +188,12 @@ def _refused(rank: int, streams) -> dict:
         _accumulate(model, opt, rank, step, False)
         opt.step()
         opt.zero_grad()
-    before = _snapshot(model, opt)
     _accumulate(model, opt, rank, 2, False, streams[rank])
-    start = time.perf_counter()
-    error = None
-    try:
-        opt.step()
-    except ValueError as exc:
-        error = str(exc)
-    elapsed = time.perf_counter() - start
-    unchanged = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    outcome = attempt_step(opt, lambda: _snapshot(model, opt))
     opt.zero_grad()
     _accumulate(model, opt, rank, 3, False)
     opt.step()
-    return {"error": error, "elapsed": elapsed, "unchanged": unchanged, "after": _full_params(model)}
+    return {**outcome, "after": _full_params(model)}
 
 
 def _no_sync(rank: int) -> dict:
