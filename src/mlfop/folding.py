@@ -132,13 +132,12 @@ def _norms(tensors: Sequence[Tensor], ord: float = 2.0) -> list[Tensor]:
     return norms
 
 
-def _head_squares(param: Tensor, micro: Tensor, num_heads: int, axis: int) -> Tensor:
-    """``(H,)`` float64: the squared norm of each head's slice of ``micro`` (this rank's rows of a
-    sharded parameter: its part of the sum, which the ranks add up)."""
-    if not (is_sharded(param) and axis == 0):  # a row shard holds every column of its rows
+def _head_squares(param: Tensor, micro: Tensor, num_heads: int, axis: int, start: int | None) -> Tensor:
+    """``(H,)`` float64: the squared norm of each head's slice of ``micro`` (for this rank's rows
+    of a sharded parameter, from row ``start`` on: its part of the sum, which the ranks add up)."""
+    if start is None or axis != 0:  # (a row shard holds every column of its rows)
         return split_heads(micro, num_heads, axis).flatten(1).norm(dim=1, dtype=torch.float32).double().square()
     rows = micro.reshape(micro.shape[0], -1).norm(dim=1, dtype=torch.float32).double().square()
-    start = ShardLayout.of(param, "ML-FOP-SOAP").offset
     placed = torch.zeros(param.shape[0], dtype=torch.float64, device=rows.device)
     placed[start : start + rows.numel()] = rows
     return placed.view(num_heads, -1).sum(1)
@@ -164,6 +163,7 @@ class StreamFolds:
         self._index = {name: k for k, name in enumerate(names)}
         self._track_norms = track_norms
         self._head_layouts = dict(head_layouts or {})
+        self._row_offsets: dict[Tensor, int] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -308,6 +308,14 @@ class StreamFolds:
             if j != k:
                 torch._foreach_sub_(own, [b[j] for b in buffers])
 
+    def _row_offset(self, param: Tensor) -> int | None:
+        """The first row of this rank's piece of a sharded parameter (``None`` for a plain one)."""
+        if not is_sharded(param):
+            return None
+        if param not in self._row_offsets:
+            self._row_offsets[param] = ShardLayout.of(param, "ML-FOP-SOAP").offset
+        return self._row_offsets[param]
+
     def _unchanged_since_last_fold(self, with_grad: list[Tensor]) -> bool:
         """Whether every gradient is the tensor of the previous fold, not modified since (its
         version counter, which every in-place accumulation bumps): no host read."""
@@ -330,7 +338,7 @@ class StreamFolds:
             squares[i] = norm.view(1).double().square()
         for i, param in enumerate(params):
             if squares[i] is None:
-                squares[i] = _head_squares(param, micro[i], *self._head_layouts[param])
+                squares[i] = _head_squares(param, micro[i], *self._head_layouts[param], self._row_offset(param))
         flat = torch.cat(squares)
         if len(params) == len(self._noise_order) and all(a is b for a, b in zip(params, self._noise_order)):
             return flat

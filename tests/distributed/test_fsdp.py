@@ -297,6 +297,29 @@ def _uneven_rows(rank: int) -> dict:
             "scattered": [p.full_tensor() for p in params], "whole": whole}
 
 
+def _refused_at_construction(rank: int) -> dict:
+    """Placements other than row sharding, and DTensor parameters mixed with plain ones."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    by_columns = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [Shard(1)]))
+    by_rows = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 4), mesh, [Shard(0)]))
+    errors = {}
+    for name, params in (("columns", [by_columns]), ("mixed", [by_rows, torch.nn.Parameter(torch.zeros(3))])):
+        try:
+            mlfop.MLFOPSOAP(params)
+        except ValueError as exc:
+            errors[name] = str(exc)
+    opt = mlfop.SOAP([by_rows])
+    try:
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    except ValueError as exc:
+        errors["added"] = str(exc)
+    errors["still_sharded"] = opt._owner_sharding() is not None
+    return errors
+
+
 SCENARIOS = {
     "soap": lambda rank: _train(rank, "soap"),
     "mlfop": lambda rank: _train(rank, "mlfop"),
@@ -309,6 +332,7 @@ SCENARIOS = {
     "no_sync": _no_sync,
     "nonfinite": _nonfinite,
     "dcp_resume": _dcp_resume,
+    "refusals": _refused_at_construction,
 }
 
 
@@ -410,3 +434,12 @@ def test_fsdp2_dcp_resume_is_bitwise(ranks):
         assert set(outcome["ema"]) == {"image", "text"}
         for a, b in zip(outcome["uninterrupted"], outcome["resumed"]):
             assert torch.equal(a, b)
+
+
+def test_unsupported_sharding_is_refused_at_construction_with_the_fix(ranks):
+    for errors in scenario_results(ranks, "refusals"):
+        assert "Shard(0)" in errors["columns"] and "tensor parallelism is not supported" in errors["columns"]
+        assert "fully_shard the root module too" in errors["mixed"]
+        assert "fully_shard the root module too" in errors["added"]
+        assert errors["still_sharded"]  # the refused group left the optimizer as it was
+

@@ -209,6 +209,7 @@ class SOAP(torch.optim.Optimizer):
         for param in params:
             if is_sharded(param):
                 ShardLayout.of(param, type(self).__name__)
+        self._is_sharded = all(sharded)
 
     # Attributes beyond torch's defaults/state/param_groups that pickling and deepcopy keep.
     _pickled_attributes: tuple[str, ...] = ("skipped_steps", "basis_failures", "shard_refresh", "process_group")
@@ -226,6 +227,7 @@ class SOAP(torch.optim.Optimizer):
         self.__dict__.setdefault("shard_refresh", False)
         self.__dict__.setdefault("process_group", None)
         self._sharding, self._targets, self._refresh_sharding = None, {}, None
+        self._check_sharding()
         self._read_step_counts()
 
     def _read_step_counts(self) -> None:
@@ -359,10 +361,8 @@ class SOAP(torch.optim.Optimizer):
     # ------------------------------------------------------------------ sharded parameters
     def _owner_sharding(self) -> OwnerSharding | None:
         """The owner ranks of DTensor parameters (see :mod:`mlfop.fully_sharded`), else ``None``."""
-        if self._sharding is None:
+        if self._sharding is None and self._is_sharded:
             pairs = [(self.config_class.trusted(g), p) for g in self.param_groups for p in g["params"]]
-            if not pairs or not is_sharded(pairs[0][1]):
-                return None
             costs = {p: preconditioner_cost(layout_of(config, p)) for config, p in pairs}
             self._sharding = OwnerSharding([p for _, p in pairs], costs.__getitem__, type(self).__name__)
         return self._sharding
