@@ -60,8 +60,9 @@ class DDPFoldReducer:
         # The rescale check then allows the narrower dtype's rounding of the reduced sums.
         self.rounding = 0.0 if communication_dtype is None else torch.finfo(communication_dtype).eps
 
-    def _agree(self, counts: FoldCounts, parameters: int, elements: int) -> Tensor:
-        """All ranks' descriptors ``(world, 4 + 3K)``, after checking the ranks folded alike.
+    def _agree(self, counts: FoldCounts, parameters: int, elements: int) -> list[list[float]]:
+        """All ranks' descriptors (``world`` rows of ``4 + 3K`` numbers, read back in one
+        transfer), after checking the ranks folded alike.
 
         The first column holds ``parameters``; a reducer whose ranks must fold the same streams
         in the same order passes the order's code there instead (see :class:`ShardedFoldReducer`).
@@ -73,14 +74,13 @@ class DDPFoldReducer:
         local = torch.tensor(values, dtype=torch.float64, device=self.device)
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(gathered, local, group=self.group)
-        table = torch.stack(gathered).cpu()
-        agree = table[:, : 4 + k]
-        if not bool((agree == agree[0]).all()):
+        table = torch.stack(gathered).tolist()
+        if any(row[: 4 + k] != table[0][: 4 + k] for row in table):
             rows = "; ".join(
-                f"rank {r}: {int(row[0])} parameters, micro-batches "
-                + ", ".join(f"stream {j}={int(n)}" for j, n in enumerate(row[4 : 4 + k].tolist()))
+                f"rank {r}: {self.first_column} {int(row[0])}, micro-batches "
+                + ", ".join(f"stream {j}={int(n)}" for j, n in enumerate(row[4 : 4 + k]))
                 + f", last stream {int(row[3]) if row[3] >= 0 else None}"
-                for r, row in enumerate(agree)
+                for r, row in enumerate(table)
             )
             raise ValueError(
                 "ranks folded different streams before step() (" + rows + "); " + self.agreement
@@ -89,6 +89,11 @@ class DDPFoldReducer:
 
     agreement = ("every rank must fold the same number of micro-batches of each stream, end with a micro-batch "
                  "of the same stream (the one DDP syncs), and give tokens on all ranks or none")
+    first_column = "parameters with gradients"
+
+    @staticmethod
+    def _column_sums(table: list[list[float]], start: int, count: int) -> list[float]:
+        return [sum(row[start + j] for row in table) for j in range(count)]
 
     def reduce(self, counts: FoldCounts, stream_sums: list[list[Tensor]], noise_sums: Tensor | None) -> FoldCounts:
         """Average the stream sums and add up the counts; the noise sums are divided by
@@ -104,8 +109,8 @@ class DDPFoldReducer:
         return replace(
             counts,
             micro_batches=[n * world for n in counts.micro_batches],
-            norm_counts=[int(n) for n in table[:, 4 + k : 4 + 2 * k].sum(dim=0).tolist()],
-            tokens=table[:, 4 + 2 * k :].sum(dim=0).tolist(),
+            norm_counts=[int(n) for n in self._column_sums(table, 4 + k, k)],
+            tokens=self._column_sums(table, 4 + 2 * k, k),
         )
 
     def total(self, tensors: Sequence[Tensor]) -> None:
@@ -131,6 +136,7 @@ class ShardedFoldReducer(DDPFoldReducer):
     agreement = ("under FSDP2 every micro-batch's gradient is averaged over the ranks, so every rank must fold "
                  "the same stream at the same micro-batch (e.g. mlfop.StreamBatchSampler gives every rank the "
                  "same stream sequence), and give tokens on all ranks or none")
+    first_column = "fold order code"
 
     syncs_every_fold = True
 
@@ -139,7 +145,7 @@ class ShardedFoldReducer(DDPFoldReducer):
         table = self._agree(counts, counts.order_code, 0)
         if noise_sums is not None:
             self.total([noise_sums])
-        return replace(counts, tokens=table[:, 4 + 2 * k :].sum(dim=0).tolist())
+        return replace(counts, tokens=self._column_sums(table, 4 + 2 * k, k))
 
     def total(self, tensors: Sequence[Tensor]) -> None:
         """Add up the ranks' partial sums in place."""

@@ -320,6 +320,27 @@ def _refused_at_construction(rank: int) -> dict:
     return errors
 
 
+def _host_reads(rank: int) -> dict:
+    """The host reads of a regular step and of the folds under FSDP2 (the counter of test_host_reads)."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.distributed.fsdp import fully_shard
+
+    path = Path(__file__).resolve().parents[1] / "optim" / "test_host_reads.py"
+    spec = importlib.util.spec_from_file_location("host_reads_counter", path)
+    counter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(counter)
+
+    def shard(model):
+        for layer in model:
+            fully_shard(layer)
+        fully_shard(model)
+
+    return {f"{kind}_{layers}": counter._reads_of_a_regular_step(kind, layers, shard=shard)
+            for kind in ("soap", "mlfop") for layers in (1, 3)}
+
+
 SCENARIOS = {
     "soap": lambda rank: _train(rank, "soap"),
     "mlfop": lambda rank: _train(rank, "mlfop"),
@@ -333,6 +354,7 @@ SCENARIOS = {
     "nonfinite": _nonfinite,
     "dcp_resume": _dcp_resume,
     "refusals": _refused_at_construction,
+    "host_reads": _host_reads,
 }
 
 
@@ -442,4 +464,13 @@ def test_unsupported_sharding_is_refused_at_construction_with_the_fix(ranks):
         assert "fully_shard the root module too" in errors["mixed"]
         assert "fully_shard the root module too" in errors["added"]
         assert errors["still_sharded"]  # the refused group left the optimizer as it was
+
+
+def test_fsdp2_step_reads_as_many_values_as_one_process_whatever_the_size(ranks):
+    for reads in scenario_results(ranks, "host_reads"):
+        for layers in (1, 3):
+            assert reads[f"soap_{layers}"][1] == ["aten._local_scalar_dense.default"]
+            folds, step = reads[f"mlfop_{layers}"]
+            # whether the gradients are finite; the ranks' fold descriptors; the rescale flag and reach
+            assert folds == [] and step == ["aten._local_scalar_dense.default", "tolist", "tolist"]
 

@@ -65,9 +65,12 @@ def _heads(model):
             if n.endswith(("q_proj.weight", "o_proj.weight"))}
 
 
-def _reads_of_a_regular_step(kind: str, layers: int, **options) -> tuple[list[str], list[str]]:
-    """The reads of the folds and of the step at call 5 (no refresh: f = 10)."""
+def _reads_of_a_regular_step(kind: str, layers: int, shard=None, **options) -> tuple[list[str], list[str]]:
+    """The reads of the folds and of the step at call 5 (no refresh: f = 10); ``shard(model)``
+    applies FSDP2 first (tests/distributed/test_fsdp.py)."""
     model = _model(layers)
+    if shard is not None:
+        shard(model)
     if kind == "soap":
         opt = mlfop.SOAP(model.parameters())
     else:
