@@ -28,6 +28,7 @@ TOKENS = ((3, 5, 4, 1), (8, 2, 2, 1))
 # Head layouts of the test (the model has no attention): the first weight by rows, the last by columns.
 HEADS = {0: (2, 0), 4: (4, 1)}
 REFUSAL_WITHIN_S = 10.0
+CLIP = 0.05  # below the gradients' norm on every step of the run, so clip_grad_norm_ rescales
 # Measured on this model: the single process against itself with the joint micro-batches' rows
 # reordered (the rounding floor) and FSDP2 against the single process; see the tests' prints.
 _FLOORS = 10.0
@@ -66,7 +67,8 @@ def _loss(model, x, y, tokens: bool, total_tokens: int, data_parallel: int):
 
 
 def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, world: int = WORLD,
-                    dtype: torch.dtype = torch.float32, split: bool = False, **options) -> list[torch.Tensor]:
+                    dtype: torch.dtype = torch.float32, split: bool = False, clip: float | None = None,
+                    **options) -> list[torch.Tensor]:
     """The reference: the ranks' joint micro-batches in one process (the rows of a joint
     micro-batch in reverse rank order with ``reverse_rows``, for the rounding floor; one
     backward per rank's part with ``split``, which rounds a low-precision gradient as often
@@ -88,6 +90,8 @@ def _single_process(kind: str, tokens: bool, reverse_rows: bool = False, world: 
                 _loss(model, x, y, tokens, total, 1).backward()
             if kind != "soap":
                 opt.fold(STREAM_ORDER[j], tokens=rows if tokens else None)
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
     return _params(model)
@@ -122,11 +126,14 @@ def _accumulate(model, opt, rank: int, step: int, tokens: bool, streams=STREAM_O
             opt.fold(streams[j], tokens=x.shape[0] if tokens else None)
 
 
-def _train(rank: int, kind: str, tokens: bool = False, dtype: torch.dtype = torch.float32, **options) -> dict:
+def _train(rank: int, kind: str, tokens: bool = False, dtype: torch.dtype = torch.float32,
+           clip: float | None = None, **options) -> dict:
     model = _sharded_model(dtype=dtype)
     opt = _optimizer(kind, model, **options)
     for step in range(STEPS):
         _accumulate(model, opt, rank, step, tokens, dtype=dtype)
+        if clip is not None:  # (on DTensor gradients: the global norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
     owned = sum(1 for p in model.parameters() if opt.state[p])
@@ -346,6 +353,7 @@ SCENARIOS = {
     "mlfop": lambda rank: _train(rank, "mlfop"),
     "mlfop_tokens": lambda rank: _train(rank, "mlfop", tokens=True),
     "mlfop_bf16": lambda rank: _train(rank, "mlfop", dtype=torch.bfloat16),
+    "mlfop_clipped": lambda rank: _train(rank, "mlfop", clip=CLIP),
     "bytes_soap": lambda rank: _counted_step(rank, "soap"),
     "bytes_mlfop": lambda rank: _counted_step(rank, "mlfop"),
     "uneven_rows": _uneven_rows,
@@ -366,9 +374,10 @@ def ranks(tmp_path_factory) -> list[dict]:
 # ------------------------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize(("scenario", "kind", "tokens"),
-                         [("soap", "soap", False), ("mlfop", "mlfop", False), ("mlfop_tokens", "mlfop", True)])
-def test_fsdp2_matches_single_process(ranks, scenario, kind, tokens):
+@pytest.mark.parametrize(("scenario", "kind", "tokens", "clip"),
+                         [("soap", "soap", False, None), ("mlfop", "mlfop", False, None),
+                          ("mlfop_tokens", "mlfop", True, None), ("mlfop_clipped", "mlfop", False, CLIP)])
+def test_fsdp2_matches_single_process(ranks, scenario, kind, tokens, clip):
     rank0, rank1 = scenario_results(ranks, scenario)
     for a, b in zip(rank0["params"], rank1["params"]):
         assert torch.equal(a, b), f"{scenario}: the ranks' parameters differ"
@@ -376,13 +385,13 @@ def test_fsdp2_matches_single_process(ranks, scenario, kind, tokens):
     assert rank0["owned"] + rank1["owned"] == params and min(rank0["owned"], rank1["owned"]) > 0
 
     start = _params(_model())
-    reference = _single_process(kind, tokens)
-    floor = _relative(_single_process(kind, tokens, reverse_rows=True), reference, start)
+    reference = _single_process(kind, tokens, clip=clip)
+    floor = _relative(_single_process(kind, tokens, reverse_rows=True, clip=clip), reference, start)
     distance = _relative(rank0["params"], reference, start)
     print(f"{scenario}: rounding floor {floor:.2e}, fsdp2-vs-single {distance:.2e} (of the displacement)")
     assert distance <= max(_FLOORS * floor, 1e-6), f"{scenario}: floor {floor:.2e}, fsdp2-vs-single {distance:.2e}"
     if kind == "mlfop":  # the comparison can fail: the noise estimate off moves the result
-        other = _single_process(kind, tokens, noise_shrinkage=False)
+        other = _single_process(kind, tokens, clip=clip, noise_shrinkage=False)
         assert _relative(other, reference, start) > 100 * max(distance, 1e-7)
 
 
