@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from mlfop.folding import UNTAGGED_STREAMS
+from mlfop.fully_sharded import is_sharded
 
 __all__ = ["fold_losses"]
 
@@ -80,7 +81,7 @@ def fold_losses(optimizer: Any, losses: Mapping[str, Tensor], tokens: Mapping[st
             )
     counts = _token_counts(tokens, losses)
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    sharded = [tuple(p.shape) for p in params if hasattr(p, "device_mesh") and hasattr(p, "placements")]
+    sharded = [tuple(p.shape) for p in params if is_sharded(p)]
     if sharded:
         raise ValueError(
             f"fold_losses does not support sharded (DTensor, FSDP2) parameters (shapes {sharded[:3]}): its "
