@@ -14,7 +14,7 @@ enters a collective lives on the buffers' device (CUDA for NCCL).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor
 from mlfop.folding import FoldCounts
 from mlfop.functional.soap import power_iteration_basis
 
-__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer", "RefreshSharding"]
+__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer", "RefreshSharding", "LocalMicroNorms"]
 
 
 def default_process_group():
@@ -185,4 +185,33 @@ class RefreshSharding:
             failures += own_failures
         all_reduce_flat([new_bases, order, failures], self.group, 1.0, self.device)
         return new_bases, order.long(), int(failures.item())  # (one read, on refresh steps only)
+
+
+class LocalMicroNorms:
+    """Hooks that keep each rank's micro-gradient norms for the noise estimate under DDP.
+
+    DDP replaces the synced micro-batch's accumulated gradient by the ranks' average at the end
+    of its backward, so a fold after it cannot see what this rank's micro-batch added. A
+    post-accumulate-grad hook on every parameter runs right after the rank's own gradient is
+    accumulated, before DDP writes the average back, and records the squared norm of what was
+    added since the last fold (:meth:`mlfop.folding.StreamFolds.record_local_micro`, found
+    through ``folds()`` at call time, so the hooks keep no optimizer alive). With it the synced
+    micro-batch is a sample like the others, and the noise estimate equals one process's on the
+    global batch. The cost: one subtraction and norm per parameter and micro-batch, as the
+    fold's own; the hooks stay on the parameters until :meth:`remove` (which the optimizer
+    calls when it is collected).
+    """
+
+    def __init__(self, params: Sequence[Tensor], folds: Callable[[], object | None]) -> None:
+        def record(param: Tensor) -> None:
+            target = folds()
+            if target is not None:
+                target.record_local_micro(param)
+
+        self._handles = [p.register_post_accumulate_grad_hook(record) for p in params if p.requires_grad]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 

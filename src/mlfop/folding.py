@@ -175,6 +175,8 @@ class StreamFolds:
         self._noise_order: list[Tensor] = []  # the parameters in the order of their slots
         self._noise_sums: Tensor | None = None  # (K, groups) float64 sums of |micro|^2
         self._pending_norms: Tensor | None = None  # the latest fold's, not yet in the sums
+        self._pending_local = False  # whether they were all taken before DDP's sync (see record_local_micro)
+        self._local_micro: dict[Tensor, Tensor] = {}  # per parameter, recorded by the hooks since the last fold
         self._grad_versions: list[tuple[weakref.ref, int]] | None = None
         self._reduced = False  # set once the sums were averaged across data-parallel ranks
 
@@ -324,16 +326,34 @@ class StreamFolds:
             ref() is p.grad and version == local_tensor(p.grad)._version for (ref, version), p in zip(seen, with_grad)
         )
 
+    def record_local_micro(self, param: Tensor) -> None:
+        """Keep the squared norm of what this rank's backward has added to ``param.grad`` since
+        the last fold (per head where heads apply), before DDP replaces the synced micro-batch's
+        gradient by the ranks' average: a post-accumulate-grad hook calls this under DDP
+        (:class:`mlfop.distributed.LocalMicroNorms`), so that the synced micro-batch is a sample
+        of the noise estimate like the others. The fold then takes it instead of its own."""
+        if not self._track_norms or param.grad is None:
+            return
+        buffer = self._buffers.get(param)
+        micro = param.grad if buffer is None else param.grad - (buffer.sum(0) if len(self.names) > 2 else buffer[0] + buffer[1])
+        if param in self._head_layouts:
+            self._local_micro[param] = _head_squares(param, micro, *self._head_layouts[param], None)
+        else:
+            self._local_micro[param] = _norms([micro])[0].view(1).double().square()
+
     def _micro_norms(self, params: list[Tensor], micro: list[Tensor]) -> Tensor:
-        """The squared norms of this fold's micro-gradients, laid out as the noise sums' groups."""
+        """The squared norms of this fold's micro-gradients, laid out as the noise sums' groups
+        (those that the hooks recorded before DDP's sync, where they did)."""
         for param in params:
             if param not in self._noise_slots:
                 start = self._noise_slots[self._noise_order[-1]].stop if self._noise_order else 0
                 groups = self._head_layouts[param][0] if param in self._head_layouts else 1
                 self._noise_slots[param] = slice(start, start + groups)
                 self._noise_order.append(param)
-        plain = [i for i, p in enumerate(params) if p not in self._head_layouts]
-        squares: list[Tensor | None] = [None] * len(params)
+        recorded, self._local_micro = self._local_micro, {}
+        self._pending_local = all(p in recorded for p in params)
+        squares: list[Tensor | None] = [recorded.get(p) for p in params]
+        plain = [i for i, p in enumerate(params) if squares[i] is None and p not in self._head_layouts]
         for i, norm in zip(plain, _norms([micro[i] for i in plain])):
             squares[i] = norm.view(1).double().square()
         for i, param in enumerate(params):
@@ -350,8 +370,9 @@ class StreamFolds:
     def _commit_pending_norms(self, keep: bool = True) -> None:
         """Add the latest fold's micro norms to the noise sums (``keep``), or drop them.
 
-        Under DDP the last micro-batch before the step is the synced one: its "micro-gradient"
-        is the rank average minus this rank's earlier folds, not a sample, so it is dropped.
+        Under DDP the last micro-batch before the step is the synced one: the fold sees the rank
+        average minus this rank's earlier folds, not a sample, so its norms are dropped unless
+        the hooks recorded them before the sync.
         """
         pending, self._pending_norms = self._pending_norms, None
         if pending is None or not keep:
@@ -376,7 +397,7 @@ class StreamFolds:
         nothing is changed then but the reduction. One host read, for the mismatch flag and the
         reach of every parameter together.
         """
-        self._commit_pending_norms(keep=reducer is None or reducer.syncs_every_fold)
+        self._commit_pending_norms(keep=reducer is None or reducer.syncs_every_fold or self._pending_local)
         folded = [(p, g) for p, g in grads if p in self._buffers]
         if reducer is not None and not self._reduced:
             stream_sums = [[self._buffers[p][k] for p, _ in folded] for k in self.present()]

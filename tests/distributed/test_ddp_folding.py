@@ -60,11 +60,12 @@ def _model() -> nn.Module:
     )
 
 
-def _optimizer(params) -> mlfop.MLFOPSOAP:
-    # precondition_frequency=2: the eigenbases are refreshed within the 5 steps.
-    # No noise shrinkage here: under DDP its estimate leaves out each rank's synced micro-batch
-    # (not a sample there), so it sees fewer micro-batches than a single process would.
-    return mlfop.MLFOPSOAP(params, streams=("image", "text"), lr=1e-2, precondition_frequency=2, noise_shrinkage=False)
+def _optimizer(params, noise_shrinkage: bool = False) -> mlfop.MLFOPSOAP:
+    # precondition_frequency=2: the eigenbases are refreshed within the 5 steps. The noise
+    # shrinkage is tested on and off: on, each rank records its synced micro-batch's norm before
+    # DDP's average (mlfop.distributed.LocalMicroNorms), so the estimate is a single process's.
+    return mlfop.MLFOPSOAP(params, streams=("image", "text"), lr=1e-2, precondition_frequency=2,
+                           noise_shrinkage=noise_shrinkage)
 
 
 def _stream(g: int) -> str:
@@ -114,10 +115,10 @@ def _relative(a, b, start) -> float:
     return float((_flat(a) - _flat(b)).norm() / (_flat(b) - _flat(start)).norm())
 
 
-def _single_process(tokens: bool, order: list[int]) -> list[torch.Tensor]:
+def _single_process(tokens: bool, order: list[int], noise_shrinkage: bool = False) -> list[torch.Tensor]:
     """The reference: all MICRO_GLOBAL micro-batches in one process, folded in ``order``."""
     model = _model()
-    opt = _optimizer(model.parameters())
+    opt = _optimizer(model.parameters(), noise_shrinkage)
     for step in range(STEPS):
         batches = _micro_batches(step, tokens)
         total = sum(x.shape[0] for x, _ in batches)
@@ -154,14 +155,14 @@ def _good_step(ddp, opt, rank: int, step: int, tokens: bool = False) -> None:
     opt.zero_grad()
 
 
-def _setup():
+def _setup(noise_shrinkage: bool = False):
     model = _model()
     ddp = DDP(model)
-    return model, ddp, _optimizer(model.parameters())
+    return model, ddp, _optimizer(model.parameters(), noise_shrinkage)
 
 
-def _train(rank: int, tokens: bool) -> dict:
-    model, ddp, opt = _setup()
+def _train(rank: int, tokens: bool, noise_shrinkage: bool = False) -> dict:
+    model, ddp, opt = _setup(noise_shrinkage)
     for step in range(STEPS):
         _good_step(ddp, opt, rank, step, tokens)
     return {"params": _params(model), "steps": [float(opt.state[p]["step"]) for p in model.parameters()]}
@@ -221,6 +222,8 @@ def _last_stream_differs(rank: int) -> dict:
 SCENARIOS = {
     "plain": lambda rank: _train(rank, tokens=False),
     "tokens": lambda rank: _train(rank, tokens=True),
+    "plain_noise": lambda rank: _train(rank, tokens=False, noise_shrinkage=True),
+    "tokens_noise": lambda rank: _train(rank, tokens=True, noise_shrinkage=True),
     # The same number of micro-batches, different per-stream counts (2:2 against 3:1).
     "counts": lambda rank: _refused(rank, [("image", "image", "text", "text"), ("image",) * 3 + ("text",)], True),
     # The text stream folded on rank 1 only.
@@ -258,7 +261,7 @@ _REVERSED = _RANK_MAJOR[::-1]
 _FLOORS = 10.0
 
 
-@pytest.mark.parametrize("variant", ["plain", "tokens"])
+@pytest.mark.parametrize("variant", ["plain", "tokens", "plain_noise", "tokens_noise"])
 def test_ddp_matches_single_process(ranks, variant):
     rank0, rank1 = scenario_results(ranks, variant)
     # Every rank holds the same averaged streams and takes the same deterministic step.
@@ -267,12 +270,14 @@ def test_ddp_matches_single_process(ranks, variant):
     start = _params(_model())
     assert rank0["steps"] == [float(STEPS - 1)] * len(start)  # the first call sets up the bases
 
-    tokens = variant == "tokens"
-    references = [_single_process(tokens, order) for order in (_RANK_MAJOR, _INTERLEAVED, _REVERSED)]
+    tokens, noise = variant.startswith("tokens"), variant.endswith("noise")
+    references = [_single_process(tokens, order, noise) for order in (_RANK_MAJOR, _INTERLEAVED, _REVERSED)]
     floor = max(_relative(references[i], references[j], start) for i in range(3) for j in range(i + 1, 3))
     distance = _relative(rank0["params"], references[0], start)
     print(f"{variant}: rounding floor {floor:.2e}, ddp-vs-single {distance:.2e} (of the displacement)")
     assert distance <= max(_FLOORS * floor, 1e-6), f"{variant}: floor {floor:.2e}, ddp-vs-single {distance:.2e}"
+    if noise:  # the shrinkage acts here: without it the run is far away
+        assert _relative(_single_process(tokens, _RANK_MAJOR, False), references[0], start) > 100 * max(floor, distance)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from mlfop.diagnostics import StepRecord
-from mlfop.distributed import DDPFoldReducer, default_process_group
+from mlfop.distributed import DDPFoldReducer, LocalMicroNorms, default_process_group
 from mlfop.folding import UNTAGGED_STREAMS, FinishedFolds, FoldReducer, StreamFolds
 from mlfop.functional.fop import FOPSystem, SystemTotals, combine_block, fop_system, global_beta, stream_grams, stream_noise
 from mlfop.functional.heads import combine_heads, split_heads
@@ -230,6 +231,23 @@ class MLFOPSOAP(SOAP):
         self._folds = StreamFolds(self.streams, track_norms=noise_shrinkage, head_layouts=active_heads)
         # the SOAP and FOP arguments, validated
         self._init_from_config(params, FOPConfig.from_group(locals()), shard_refresh, process_group)
+        self._hook_local_norms()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._hook_local_norms()
+
+    def _hook_local_norms(self) -> None:
+        """Under DDP with the noise estimate, hooks that record each rank's micro-gradient norms
+        before DDP's sync (:class:`~mlfop.distributed.LocalMicroNorms`): the synced micro-batch
+        then counts as a sample, as in one process. Nothing in one process or under FSDP2 (whose
+        folds see the ranks' joint micro-batch)."""
+        group = self.process_group if self.process_group is not None else default_process_group()
+        if not self.options.noise_shrinkage or self._is_sharded or group is None:
+            return
+        optimizer = weakref.ref(self)
+        hooks = LocalMicroNorms(self._params(), lambda: None if optimizer() is None else optimizer()._folds)
+        weakref.finalize(self, hooks.remove)
 
     @property
     def streams(self) -> tuple[str, ...]:
