@@ -24,7 +24,7 @@ from torch import Tensor
 from mlfop.folding import FoldCounts
 from mlfop.functional.soap import power_iteration_basis
 
-__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer", "RefreshSharding", "LocalMicroNorms"]
+__all__ = ["default_process_group", "all_reduce_flat", "DDPFoldReducer", "ShardedFoldReducer", "RefreshSharding", "LocalMicroNorms", "DualGradientGroups"]
 
 
 def default_process_group():
@@ -215,3 +215,61 @@ class LocalMicroNorms:
             handle.remove()
         self._handles = []
 
+
+class DualGradientGroups:
+    r"""FOP's dual-gradient groups for untagged large-batch training under DDP.
+
+    The even and the odd ranks form two groups, and each group's share of the batch is one
+    sub-batch stream: with :math:`W` ranks holding local gradients :math:`g_r` (their sum over
+    the step's micro-batches),
+
+    .. math::
+        S_{\text{even}} = \tfrac{1}{W} \textstyle\sum_{r \text{ even}} g_r, \quad
+        S_{\text{odd}} = \tfrac{1}{W} \textstyle\sum_{r \text{ odd}} g_r, \quad
+        S_{\text{even}} + S_{\text{odd}} = \bar g \;(\text{DDP's average}),
+
+    exactly the streams one process would fold from the two halves of the batch. A DDP
+    communication hook (:meth:`hook`, installed by :meth:`register`) replaces DDP's all-reduce of
+    each bucket on the synced micro-batch by one all-reduce of a ``(2, n)`` buffer holding the
+    rank's gradient in its group's row and zeros in the other: every rank gets both groups' sums,
+    bit for bit the same, and DDP writes their sum, averaged, back to ``p.grad`` as usual (so
+    clipping and logging see the averaged gradient). No fold is needed: the optimizer takes the
+    two streams from the hook. Bytes: twice DDP's own all-reduce of the gradient (the second
+    stream), in one collective.
+    """
+
+    def __init__(self, optimizer, group=None) -> None:
+        group = group if group is not None else default_process_group()
+        world = 1 if group is None else dist.get_world_size(group)
+        if world < 2 or world % 2:
+            raise ValueError(
+                f"dual-gradient groups need an even number of data-parallel ranks (at least 2), got {world}; "
+                f"run with an even world size, or fold the micro-batches (opt.fold()) instead"
+            )
+        if tuple(optimizer.streams) != ("even", "odd"):
+            raise ValueError(
+                "dual-gradient groups give the untagged sub-batch streams: build the optimizer with streams=None "
+                f"(it has streams={list(optimizer.streams)})"
+            )
+        self.world, self.group = world, group
+        self.parity = dist.get_rank(group) % 2
+        self._record = optimizer.record_dual_gradient
+
+    def register(self, ddp) -> None:
+        """Install the hook on a ``DistributedDataParallel`` model."""
+        ddp.register_comm_hook(None, self.hook)
+
+    def hook(self, state, bucket):  # (no return annotation: DDP checks it against an evaluated one)
+        """DDP's bucket reduction, with the two groups' sums kept for the optimizer; returns a
+        completed future of the averaged bucket."""
+        local = bucket.buffer()
+        both = torch.zeros((2, local.numel()), dtype=local.dtype, device=local.device)
+        both[self.parity] = local
+        dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.group)
+        both.div_(self.world)
+        gradients = bucket.gradients()
+        sizes = [g.numel() for g in gradients]
+        self._record(bucket.parameters(), [piece.view(2, *g.shape) for piece, g in zip(both.split(sizes, dim=1), gradients)])
+        future: torch.futures.Future = torch.futures.Future()
+        future.set_result(both[0] + both[1])
+        return future

@@ -453,6 +453,21 @@ class StreamFolds:
 
         return sums_sq, residuals
 
+    def record_group_sums(self, params: Sequence[Tensor], sums: Sequence[Tensor]) -> None:
+        """Take the two sub-batch streams of dual-gradient groups (:class:`mlfop.distributed.DualGradientGroups`):
+        ``sums[i]`` is ``(2, *shape)``, the even and the odd ranks' share of ``params[i]``'s
+        averaged gradient (so they add up to it), already global; each group counts as one
+        micro-batch (equal shares). Called by the DDP communication hook, per bucket."""
+        if self.names != UNTAGGED_STREAMS:
+            raise ValueError(
+                "dual-gradient groups give the untagged streams ('even', 'odd'): build the optimizer with "
+                f"streams=None, not {list(self.names)}"
+            )
+        for param, stacked in zip(params, sums):
+            self._buffers[param] = stacked
+        self._counts = FoldCounts([1, 1], [0, 0], [0.0, 0.0], False, last_stream=1)
+        self._reduced = True  # nothing left to reduce at the step
+
     def local_sums(self, param: Tensor) -> Tensor | None:
         """``(K, *rows)``: this rank's stacked stream sums of ``param`` (``None`` if no fold saw it)."""
         return self._buffers.get(param)

@@ -273,6 +273,11 @@ class MLFOPSOAP(SOAP):
             )
         self._folds.fold(stream, self._params(), tokens)
 
+    def record_dual_gradient(self, params, sums) -> None:
+        """Take the even and odd ranks' streams of a DDP bucket from
+        :class:`mlfop.distributed.DualGradientGroups` (no fold needed in that mode)."""
+        self._folds.record_group_sums(params, sums)
+
     def fold_losses(self, losses: Mapping[str, Tensor], tokens: Mapping[str, float | Tensor] | None = None) -> None:
         """Fold a micro-batch that mixes streams from its per-stream losses ``{stream: loss}``:
         one backward and one fold per stream (:func:`mlfop.mixed_batches.fold_losses`)."""
