@@ -219,6 +219,46 @@ def _last_stream_differs(rank: int) -> dict:
     return {"error": None, "params": _params(model)}
 
 
+def _dcp_resume(rank: int) -> dict:
+    """Save with DCP after 2 steps (balanced weights, noise estimate on), resume a fresh model
+    and optimizer from it: the run continues bit for bit as the uninterrupted one."""
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def setup():
+        model = _model()
+        ddp = DDP(model)
+        opt = mlfop.MLFOPSOAP(model.parameters(), streams=("image", "text"), lr=1e-2, precondition_frequency=2,
+                              stream_weights="balanced")
+        return model, ddp, opt
+
+    folder = [tempfile.mkdtemp(prefix="mlfop-dcp-ddp-") if rank == 0 else None]
+    dist.broadcast_object_list(folder)
+    model, ddp, opt = setup()
+    for step in range(2):
+        _good_step(ddp, opt, rank, step)
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder[0])
+    dist.barrier()
+    for step in range(2, STEPS):
+        _good_step(ddp, opt, rank, step)
+    fresh, fresh_ddp, resumed = setup()
+    model_state, optim_state = get_state_dict(fresh, resumed)
+    loaded = {"model": model_state, "optim": optim_state}
+    dcp.load(loaded, checkpoint_id=folder[0])
+    set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    for step in range(2, STEPS):
+        _good_step(fresh_ddp, resumed, rank, step)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(folder[0])
+    return {"uninterrupted": _params(model), "resumed": _params(fresh), "ema": resumed.stream_norm_ema}
+
+
 SCENARIOS = {
     "plain": lambda rank: _train(rank, tokens=False),
     "tokens": lambda rank: _train(rank, tokens=True),
@@ -233,6 +273,7 @@ SCENARIOS = {
     # The same with a single stream (that step is plain SOAP on p.grad).
     "no_sync_one_stream": lambda rank: _refused(rank, [("image",) * 4, ("image",) * 4], False),
     "last_stream_differs": _last_stream_differs,
+    "dcp_resume": _dcp_resume,
 }
 
 
@@ -309,3 +350,11 @@ def test_ddp_last_fold_in_different_streams_is_refused(ranks):
     for outcome in outcomes:
         assert outcome["error"] is not None and "ranks folded different streams" in outcome["error"]
     assert outcomes[0]["error"] == outcomes[1]["error"]
+
+
+def test_ddp_dcp_resume_is_bitwise(ranks):
+    for outcome in scenario_results(ranks, "dcp_resume"):
+        assert set(outcome["ema"]) == {"image", "text"}
+        for a, b in zip(outcome["uninterrupted"], outcome["resumed"]):
+            assert torch.equal(a, b)
+
