@@ -34,8 +34,8 @@ REFUSAL_WITHIN_S = 10.0
 
 
 def _optimizer(params) -> mlfop.MLFOPSOAP:
-    # No noise shrinkage: under DDP its estimate leaves out each rank's synced micro-batch.
-    return mlfop.MLFOPSOAP(params, streams=STREAMS, lr=1e-2, precondition_frequency=2, noise_shrinkage=False)
+    # The default noise shrinkage: each rank's synced micro-batch is recorded before DDP's average.
+    return mlfop.MLFOPSOAP(params, streams=STREAMS, lr=1e-2, precondition_frequency=2)
 
 
 def _rows(step: int, tags) -> list[list[tuple[torch.Tensor, torch.Tensor, list[str]]]]:

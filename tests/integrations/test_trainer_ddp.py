@@ -22,10 +22,9 @@ from mlfop.integrations.batch_streams import loss_tokens
 from mlfop.integrations.transformers import MLFOPTrainer
 
 WORLD, STEPS, EXAMPLES = 2, 2, 44
-# No noise shrinkage: under DDP its estimate leaves out each rank's synced micro-batch (not a
-# sample there), so it would see fewer micro-batches than the single process.
-SOAP_KWARGS = {**OPT_KWARGS, "noise_shrinkage": False}
-TRAINER_KWARGS = {key: value for key, value in SOAP_KWARGS.items() if key not in ("lr", "betas", "weight_decay")}
+# (The default noise shrinkage: each rank's synced micro-batch is recorded before DDP's average,
+# so the estimate is the single process's.)
+TRAINER_KWARGS = {key: value for key, value in OPT_KWARGS.items() if key not in ("lr", "betas", "weight_decay")}
 
 
 class RecordingSOAP(mlfop.MLFOPSOAP):
@@ -69,7 +68,7 @@ def _single_process(examples, per_rank) -> torch.nn.Module:
     named = list(model.named_parameters())
     groups = [{"params": [p for n, p in named if "norm" not in n], "weight_decay": OPT_KWARGS["weight_decay"]},
               {"params": [p for n, p in named if "norm" in n], "weight_decay": 0.0}]
-    opt = mlfop.MLFOPSOAP(groups, **{**SOAP_KWARGS, "weight_decay": 0.0})
+    opt = mlfop.MLFOPSOAP(groups, **{**OPT_KWARGS, "weight_decay": 0.0})
     for step in range(STEPS):
         micro = [mb for rank in per_rank for mb in rank[step * ACCUM : (step + 1) * ACCUM]]
         labels = [torch.stack([examples[i]["labels"] for i in indices]) for _, indices in micro]
