@@ -10,10 +10,13 @@ A hang fails the test: collectives time out, and the ranks are killed after ``ti
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib
 import os
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -91,4 +94,53 @@ def attempt_step(opt, snapshot) -> dict:
     elapsed = time.perf_counter() - start
     unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
     return {"error": error, "elapsed": elapsed, "unchanged": unchanged}
+
+
+@contextlib.contextmanager
+def shared_folder(rank: int):
+    """A temporary folder that every rank sees (made by rank 0, removed after a barrier)."""
+    holder = [tempfile.mkdtemp(prefix="mlfop-ranks-") if rank == 0 else None]
+    dist.broadcast_object_list(holder)
+    try:
+        yield holder[0]
+    finally:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(holder[0], ignore_errors=True)
+
+
+def assert_same_on_every_rank(outcomes: list[dict], key: str = "params") -> None:
+    """Every rank's ``outcome[key]`` tensors equal rank 0's, bit for bit."""
+    for rank, outcome in enumerate(outcomes[1:], start=1):
+        for a, b in zip(outcomes[0][key], outcome[key]):
+            assert torch.equal(a, b), f"rank {rank}'s {key} differ from rank 0's"
+
+
+def dcp_resume(rank: int, make, saved_after: int, steps: int, make_resumed=None, on_load=None):
+    """Train ``make()``'s ``(model, optimizer, step)`` (``step(t)`` runs optimizer step ``t``),
+    save with DCP after ``saved_after`` steps and go on to ``steps``; then build a fresh one
+    (``make_resumed``, else ``make``), load the checkpoint into it (``on_load(optimizer)`` right
+    after) and run the same remaining steps. Returns both ``(model, optimizer)`` pairs."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    with shared_folder(rank) as folder:
+        model, optimizer, step = make()
+        for t in range(saved_after):
+            step(t)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
+        dist.barrier()
+        for t in range(saved_after, steps):
+            step(t)
+        fresh, resumed, resumed_step = (make_resumed or make)()
+        model_state, optim_state = get_state_dict(fresh, resumed)
+        loaded = {"model": model_state, "optim": optim_state}
+        dcp.load(loaded, checkpoint_id=folder)
+        set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+        if on_load is not None:
+            on_load(resumed)
+        for t in range(saved_after, steps):
+            resumed_step(t)
+    return (model, optimizer), (fresh, resumed)
 

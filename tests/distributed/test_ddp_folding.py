@@ -12,11 +12,10 @@ accumulated ``p.grad`` at the last backward), and calls ``opt.fold(stream)`` aft
 from __future__ import annotations
 
 import contextlib
-import time
 
 import pytest
 import torch
-from rank_spawn import run_ranks, scenario_results
+from rank_spawn import attempt_step, dcp_resume, run_ranks, scenario_results
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -185,19 +184,11 @@ def _refused(rank: int, streams, sync_last: bool, warm_steps: int = 2) -> dict:
     model, ddp, opt = _setup()
     for step in range(warm_steps):
         _good_step(ddp, opt, rank, step)
-    before = _snapshot(model, opt)
     _accumulate(ddp, opt, _micro_batches(warm_steps, False), _own(rank), streams[rank], sync_last=sync_last)
-    start = time.perf_counter()
-    error = None
-    try:
-        opt.step()
-    except ValueError as exc:
-        error = str(exc)
-    elapsed = time.perf_counter() - start
-    unchanged = all(torch.equal(a, b) for a, b in zip(before, _snapshot(model, opt)))
+    outcome = attempt_step(opt, lambda: _snapshot(model, opt))  # (folding changed no parameter or state)
     opt.zero_grad()
     _good_step(ddp, opt, rank, warm_steps + 1)
-    return {"error": error, "elapsed": elapsed, "unchanged": unchanged, "after": _params(model)}
+    return {**outcome, "after": _params(model)}
 
 
 def _last_stream_differs(rank: int) -> dict:
@@ -222,40 +213,15 @@ def _last_stream_differs(rank: int) -> dict:
 def _dcp_resume(rank: int) -> dict:
     """Save with DCP after 2 steps (balanced weights, noise estimate on), resume a fresh model
     and optimizer from it: the run continues bit for bit as the uninterrupted one."""
-    import shutil
-    import tempfile
 
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    def setup():
+    def make():
         model = _model()
         ddp = DDP(model)
         opt = mlfop.MLFOPSOAP(model.parameters(), streams=("image", "text"), lr=1e-2, precondition_frequency=2,
                               stream_weights="balanced")
-        return model, ddp, opt
+        return model, opt, lambda t: _good_step(ddp, opt, rank, t)
 
-    folder = [tempfile.mkdtemp(prefix="mlfop-dcp-ddp-") if rank == 0 else None]
-    dist.broadcast_object_list(folder)
-    model, ddp, opt = setup()
-    for step in range(2):
-        _good_step(ddp, opt, rank, step)
-    model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder[0])
-    dist.barrier()
-    for step in range(2, STEPS):
-        _good_step(ddp, opt, rank, step)
-    fresh, fresh_ddp, resumed = setup()
-    model_state, optim_state = get_state_dict(fresh, resumed)
-    loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=folder[0])
-    set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    for step in range(2, STEPS):
-        _good_step(fresh_ddp, resumed, rank, step)
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(folder[0])
+    (model, _), (fresh, resumed) = dcp_resume(rank, make, 2, STEPS)
     return {"uninterrupted": _params(model), "resumed": _params(fresh), "ema": resumed.stream_norm_ema}
 
 

@@ -9,7 +9,7 @@ import contextlib
 import pytest
 import torch
 import torch.distributed as dist
-from rank_spawn import run_ranks, scenario_results
+from rank_spawn import assert_same_on_every_rank, run_ranks, scenario_results
 from test_ddp_folding import _model, _params, _relative
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -99,9 +99,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 def test_dual_gradient_groups_match_the_single_process_two_sub_batch_streams(ranks):
     outcomes = scenario_results(ranks, "train")
-    for outcome in outcomes[1:]:
-        for a, b in zip(outcomes[0]["params"], outcome["params"]):
-            assert torch.equal(a, b)
+    assert_same_on_every_rank(outcomes)
     start = _params(_model())
     reference = _single_process(range(WORLD))
     floor = _relative(_single_process([1, 0, 3, 2]), reference, start)

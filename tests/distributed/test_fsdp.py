@@ -9,11 +9,10 @@ that joint micro-gradient, so even the noise estimate is the same.
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
-from rank_spawn import attempt_step, run_ranks, scenario_results
+from rank_spawn import assert_same_on_every_rank, attempt_step, dcp_resume, run_ranks, scenario_results
 from test_ddp_folding import _model, _params, _relative
 
 import mlfop
@@ -243,47 +242,20 @@ def _nonfinite(rank: int) -> dict:
 
 def _dcp_resume(rank: int) -> dict:
     """Save mid-run with DCP, load into a fresh model and optimizer, continue: as uninterrupted."""
-    import tempfile
 
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    def make():
+        model = _sharded_model()
+        opt = _optimizer("mlfop", model, stream_weights="balanced")
 
-    folder = [tempfile.mkdtemp(prefix="mlfop-dcp-") if rank == 0 else None]
-    dist.broadcast_object_list(folder)
-    folder = folder[0]
+        def step(t: int) -> None:
+            _accumulate(model, opt, rank, t, False)
+            opt.step()
+            opt.zero_grad()
 
-    options = {"stream_weights": "balanced"}
-    model = _sharded_model()
-    opt = _optimizer("mlfop", model, **options)
-    for step in range(2):
-        _accumulate(model, opt, rank, step, False)
-        opt.step()
-        opt.zero_grad()
-    model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-    dist.barrier()
-    for step in range(2, STEPS):
-        _accumulate(model, opt, rank, step, False)
-        opt.step()
-        opt.zero_grad()
-    uninterrupted = _full_params(model)
+        return model, opt, step
 
-    fresh = _sharded_model()
-    resumed = _optimizer("mlfop", fresh, **options)
-    model_state, optim_state = get_state_dict(fresh, resumed)
-    loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=folder)
-    set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    ema = resumed.stream_norm_ema
-    for step in range(2, STEPS):
-        _accumulate(fresh, resumed, rank, step, False)
-        resumed.step()
-        resumed.zero_grad()
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(folder)
-    return {"uninterrupted": uninterrupted, "resumed": _full_params(fresh), "ema": ema}
+    (model, _), (fresh, resumed) = dcp_resume(rank, make, 2, STEPS)
+    return {"uninterrupted": _full_params(model), "resumed": _full_params(fresh), "ema": resumed.stream_norm_ema}
 
 
 def _uneven_rows(rank: int) -> dict:

@@ -8,12 +8,9 @@ micro-batches of the four ranks (see test_fsdp).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import pytest
 import torch
-from rank_spawn import run_ranks, scenario_results
+from rank_spawn import assert_same_on_every_rank, dcp_resume, run_ranks, scenario_results
 from test_ddp_folding import _model, _params, _relative
 from test_fsdp import STEPS, _accumulate, _full_params, _optimizer, _sharded_model, _single_process
 
@@ -46,34 +43,17 @@ def _hsdp(rank: int) -> dict:
 
 def _reshard(rank: int) -> dict:
     """FSDP2 over 4 ranks for 2 steps, saved with DCP; then resumed under HSDP (2 x 2)."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    folder = [tempfile.mkdtemp(prefix="mlfop-dcp-") if rank == 0 else None]
-    dist.broadcast_object_list(folder)
-    folder = folder[0]
-    model = _sharded_model(_mesh((WORLD,)))
-    opt = _optimizer("mlfop", model, stream_weights="balanced")
-    _run(model, opt, rank, range(2))
-    model_state, optim_state = get_state_dict(model, opt)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=folder)
-    dist.barrier()
-    _run(model, opt, rank, range(2, STEPS))
-    uninterrupted = _full_params(model)
+    def make(shape: tuple[int, ...]):
+        model = _sharded_model(_mesh(shape))
+        opt = _optimizer("mlfop", model, stream_weights="balanced")
+        return model, opt, lambda t: _run(model, opt, rank, [t])
 
-    fresh = _sharded_model(_mesh((2, 2)))
-    resumed = _optimizer("mlfop", fresh, stream_weights="balanced")
-    model_state, optim_state = get_state_dict(fresh, resumed)
-    loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=folder)
-    set_state_dict(fresh, resumed, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-    steps = [float(resumed.state[p]["step"]) for p in fresh.parameters() if resumed.state[p]]
-    _run(fresh, resumed, rank, range(2, STEPS))
-    dist.barrier()
-    if rank == 0:
-        shutil.rmtree(folder)
-    return {"uninterrupted": uninterrupted, "resumed": _full_params(fresh), "steps": steps}
+    loaded_steps = []
+    (model, _), (fresh, _) = dcp_resume(
+        rank, lambda: make((WORLD,)), 2, STEPS, make_resumed=lambda: make((2, 2)),
+        on_load=lambda opt: loaded_steps.extend(float(entry["step"]) for entry in opt.state.values() if entry))
+    return {"uninterrupted": _full_params(model), "resumed": _full_params(fresh), "steps": loaded_steps}
 
 
 SCENARIOS = {"hsdp": _hsdp, "reshard": _reshard}
@@ -87,9 +67,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 def test_hsdp_matches_single_process(ranks):
     outcomes = scenario_results(ranks, "hsdp")
     assert all(p == ("R", "S(0)") for p in outcomes[0]["placements"])  # (replicate, shard)
-    for outcome in outcomes[1:]:
-        for a, b in zip(outcomes[0]["params"], outcome["params"]):
-            assert torch.equal(a, b), "the ranks' parameters differ"
+    assert_same_on_every_rank(outcomes)
     # Each replica group divides the parameters between its two ranks.
     count = len(outcomes[0]["params"])
     assert outcomes[0]["owned"] + outcomes[1]["owned"] == count == outcomes[2]["owned"] + outcomes[3]["owned"]
