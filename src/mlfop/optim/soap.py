@@ -12,10 +12,9 @@ from torch import Tensor
 
 from mlfop._warnings import warn_at_caller
 from mlfop.distributed import RefreshSharding, ShardedFoldReducer, default_process_group
-from mlfop.functional.soap import BasisStep, power_iteration_basis
 from mlfop.fully_sharded import OwnerSharding, ShardLayout, is_sharded, local_tensor
 from mlfop.functional.rotation import kronecker_statistics, rotate
-from mlfop.functional.soap import soap_update_
+from mlfop.functional.soap import BasisStep, power_iteration_basis, soap_update_
 from mlfop.optim.block_state import (
     BlockBatch,
     BlockTensors,
