@@ -29,6 +29,7 @@ tensor's own dtype (one ``all_to_all`` per dtype).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,23 +112,16 @@ def _exchange(send: list[list[Tensor]], receive: list[list[tuple[tuple[int, ...]
         outgoing = [[t.reshape(-1) for t in tensors if t.dtype == dtype] for tensors in send]
         incoming = [[(i, shape) for i, (shape, d) in enumerate(specs) if d == dtype] for specs in receive]
         in_sizes = [sum(t.numel() for t in tensors) for tensors in outgoing]
-        out_sizes = [sum(_numel(shape) for _, shape in specs) for specs in incoming]
+        out_sizes = [sum(math.prod(shape) for _, shape in specs) for specs in incoming]
         flat_in = torch.cat([t for tensors in outgoing for t in tensors]) if sum(in_sizes) else torch.empty(
             0, dtype=dtype, device=device)
         flat_out = torch.empty(sum(out_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(flat_out, flat_in.to(device), output_split_sizes=out_sizes,
                                input_split_sizes=in_sizes, group=group)
         for source, (piece, specs) in enumerate(zip(flat_out.split(out_sizes), incoming)):
-            for (i, shape), chunk in zip(specs, piece.split([_numel(s) for _, s in specs])):
+            for (i, shape), chunk in zip(specs, piece.split([math.prod(s) for _, s in specs])):
                 received[source][i] = chunk.view(shape)
     return received  # type: ignore[return-value]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 class OwnerSharding:

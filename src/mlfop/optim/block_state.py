@@ -15,6 +15,8 @@ its batch's stacked storage, so a regular step copies no state in or out.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -256,11 +258,8 @@ def preconditioner_cost(layout: Layout) -> int:
     rotations, :math:`n (1 + \sum_i d_i)`, and a refresh, :math:`\sum_i d_i^3`, over the rotated
     dimensions :math:`d_i` of a block of :math:`n` elements."""
     block, rotated = layout
-    numel = 1
-    for size in block:
-        numel *= size
     dims = [size for size, flag in zip(block, rotated) if flag]
-    return numel * (1 + sum(dims)) + sum(d**3 for d in dims)
+    return math.prod(block) * (1 + sum(dims)) + sum(d**3 for d in dims)
 
 
 def _batch_elements(layout: Layout) -> int:
