@@ -95,6 +95,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
                 times[mode].append(tuple(slowest.tolist()))
     if rank == 0:
         _print_table(times, world, args)
+    del setups  # free DDP's reducer and FSDP2's state before their process group goes
+    dist.barrier()
     dist.destroy_process_group()
 
 
