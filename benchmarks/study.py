@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlfop.bench.config import BenchError, RunConfig, coerce_config, config_from, read_table
+from mlfop.bench.config import MUON_BASED, BenchError, RunConfig, coerce_config, config_from, read_table
 from mlfop.bench.report import load_finals
 from mlfop.bench.runfolder import folder_state
 from mlfop.bench.summary import aggregate, best_rates
@@ -109,7 +109,7 @@ class Plan:
 
     def rates(self, contender: str) -> dict[str, list[float | None]]:
         keys = self.contenders[contender]
-        adamw = keys.get("muon_adamw_lrs", RunConfig().muon_adamw_lrs) if keys["optimizer"] == "muon" else [None]
+        adamw = keys.get("muon_adamw_lrs", RunConfig().muon_adamw_lrs) if keys["optimizer"] in MUON_BASED else [None]
         return {"lr": sorted(float(v) for v in keys["lrs"]), "adamw_lr": sorted(adamw, key=lambda v: v or 0)}
 
     def grid(self, group: tuple[str, int, str], rates: dict[str, list], seeds: Sequence[int]) -> list[Job]:

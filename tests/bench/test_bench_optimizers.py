@@ -154,3 +154,57 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(name):
     assert (group["lr"], group["adjust_lr_fn"], group["weight_decay"], group["ns_steps"]) == (
         0.02, "match_rms_adamw", 0.05, 3)
     assert adamw.param_groups[0]["lr"] == 4e-3
+
+
+def _fop_muon_oracle(gen, und, weights, exp_avg_sq, beta2, eps):
+    """FOP in front of Muon for one matrix and K = 2, from the closed form (float64):
+    g_comb = g_bar + clip(b, -1, 1) delta_perp, delta = g_gen - g_und made H-orthogonal to g_bar,
+    b = <g_bar, delta_perp>_{1/h} / <delta_perp, delta_perp>_{1/h}; and the next second moment."""
+    gen, und, exp_avg_sq = gen.double(), und.double(), exp_avg_sq.double()
+    second = weights[0] * gen**2 + weights[1] * und**2
+    h = torch.sqrt(exp_avg_sq + (1 - beta2) * (second - exp_avg_sq)) + eps
+    shared = weights[0] * gen + weights[1] * und
+    delta = gen - und
+    delta_perp = delta - (delta * shared * h).sum() / (shared * shared * h).sum() * shared
+    b = ((shared * delta_perp / h).sum() / (delta_perp * delta_perp / h).sum()).clamp(-1.0, 1.0)
+    combined = shared + b * delta_perp
+    return combined, exp_avg_sq + (1 - beta2) * (torch.maximum(second, combined**2) - exp_avg_sq)
+
+
+def test_fop_muon_combines_each_hidden_matrix_under_an_adam_metric_and_sums_the_rest():
+    torch.manual_seed(0)
+    model = build_model("emu3", ModelConfig(hidden=16, layers=1, heads=2, mlp=32), codes=8, tokens=64)
+    shares = {"gen": 0.25, "und": 0.75}
+    config = RunConfig(betas=(0.9, 0.95))
+    contender = build_contender("fop-muon", model, 0.02, config, shares, adamw_lr=3e-3)
+    muon, adamw = contender.optimizers
+    route = contender.route
+    hidden = {id(p) for group in muon.param_groups for p in group["params"]}
+    params = model.trainable_parameters()
+    second_moments = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+    for step in range(3):
+        grads = {k: [torch.randn_like(p) for p in params] for k in shares}  # grad L_k
+        for stream in shares:
+            for p, g in zip(params, grads[stream]):
+                p.grad = shares[stream] * g  # the stream's part of the objective
+            route.after_backward(stream, tokens=4)
+        route.finish({"gen": 1.0, "und": 1.0})
+        bent = 0
+        for p, gen, und in zip(params, grads["gen"], grads["und"]):
+            if id(p) in hidden:
+                expected, second_moments[id(p)] = _fop_muon_oracle(
+                    gen, und, (0.25, 0.75), second_moments[id(p)], 0.95, 1e-8)
+                bent += not torch.allclose(p.grad, 0.25 * gen + 0.75 * und, atol=1e-4)
+            else:
+                expected = (0.25 * gen + 0.75 * und).double()
+            torch.testing.assert_close(p.grad.double(), expected, rtol=1e-4, atol=1e-5)
+        assert bent == len(hidden) and 0 < route.diagnostics()["fop_beta_abs_mean"] <= 1
+        for p in params:
+            p.grad = None
+    state = io.BytesIO()
+    torch.save(route.state_dict(), state)
+    fresh = build_contender("fop-muon", model, 0.02, config, shares, adamw_lr=3e-3).route
+    fresh.load_state_dict(torch.load(io.BytesIO(state.getvalue()), weights_only=True))
+    assert sum(v.numel() for v in route.exp_avg_sq) == sum(p.numel() for p in params if id(p) in hidden)
+    for resumed, kept in zip(fresh.exp_avg_sq, route.exp_avg_sq):
+        assert torch.equal(resumed, kept)

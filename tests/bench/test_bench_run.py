@@ -15,8 +15,8 @@ from mlfop.bench.tokenizers import load_tokenizer
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64", "--batch", "32", "--micro-batch", "8",
         "--steps", "8", "--eval-every", "4", "--samples", "100", "--threads", "1"]
 LRS = ["--lrs", "adamw=1e-2", "--lrs", "upgrad=1e-2", "--lrs", "soap=1e-2", "--lrs", "mlfop=1e-2", "--lrs", "muon=2e-2",
-       "--muon-adamw-lrs", "1e-2", "--lrs", "famo=1e-2"]
-EVERY = ["adamw", "soap", "mlfop", "upgrad", "muon", "famo"]
+       "--muon-adamw-lrs", "1e-2", "--lrs", "famo=1e-2", "--lrs", "fop-muon=2e-2"]
+EVERY = ["adamw", "soap", "mlfop", "upgrad", "muon", "famo", "fop-muon"]
 TIMING = ("train_seconds", "train_cpu_seconds", "seconds_per_step")
 
 

@@ -29,7 +29,8 @@ _HELP = {
     "model": "emu3 or janus",
     "tokenizer": "km64 (2x2 k-means, 16 tokens) or pix8 (per pixel, 64 tokens)",
     "optimizers": f"any of {' '.join(OPTIMIZERS)}",
-    "lrs": "learning rates of one optimizer, e.g. --lrs soap=3e-3,1e-2 (repeatable; a sweep; muon: its Muon part)",
+    "lrs": ("learning rates of one optimizer, e.g. --lrs soap=3e-3,1e-2 (repeatable; a sweep; "
+             "muon, fop-muon: their Muon part)"),
     "batch": "sequences per optimizer step",
     "micro_batch": "sequences per forward/backward (must divide --batch)",
     "steps": "optimizer steps per run",
@@ -50,8 +51,8 @@ _HELP = {
     "diverge_factor": "stop a run as diverged when a stream's train loss exceeds this times its first (0: never; "
                       "non-finite losses always stop it)",
     "probe_every": "steps between per-layer gen/und gradient heterogeneity probes (0: none)",
-    "betas": "beta1 beta2 of every Adam-type optimizer (muon: its AdamW part)",
-    "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon: its AdamW part)",
+    "betas": "beta1 beta2 of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
+    "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
     "levels": "ML-FOP-SOAP levels, any of global layer head (ablation)",
     "stream_weights": "ML-FOP-SOAP stream weights: tokens, fixed or balanced",
     "fold_tokens": "ML-FOP-SOAP: pass loss-token counts to fold() even when the objective weights streams "

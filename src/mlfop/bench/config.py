@@ -23,13 +23,15 @@ from mlfop.bench.models import MODELS, ModelConfig
 from mlfop.bench.tokenizers import TOKENIZERS
 
 __all__ = ["BenchError", "RunConfig", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
-           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "OPTIMIZER_OPTIONS", "read_table", "coerce_config",
+           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "MUON_BASED", "OPTIMIZER_OPTIONS", "read_table", "coerce_config",
            "config_from", "load_config_file"]
 
-OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")
+OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo", "fop-muon")
+MUON_BASED = ("muon", "fop-muon")  # torch.optim.Muon on the hidden matrices, AdamW at its own rate on the rest
 # Starting points from the feasibility probe (batch 1024): AdamW 3e-3, SOAP 1e-2; Muon's 0.02 is
 # the usual rate of its "original" learning-rate adjustment.
-DEFAULT_LRS = {"adamw": 3e-3, "soap": 1e-2, "mlfop": 1e-2, "upgrad": 3e-3, "muon": 2e-2, "famo": 3e-3}
+DEFAULT_LRS = {"adamw": 3e-3, "soap": 1e-2, "mlfop": 1e-2, "upgrad": 3e-3, "muon": 2e-2, "famo": 3e-3,
+               "fop-muon": 2e-2}
 # Held-out metrics a target may name, with True where larger is better.
 METRICS = {"gen_nll": False, "und_nll": False, "und_acc": True, "fd": False, "text_nll": False}
 STREAMS = ("gen", "und", "text")
@@ -38,13 +40,13 @@ STREAM_WEIGHTS = ("tokens", "fixed", "balanced")
 LOSS_WEIGHTINGS = ("task", "token")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")
 STATE_DTYPES = ("float32", "bfloat16")  # SOAP's and ML-FOP-SOAP's moments (state_dtype)  # torch.optim.Muon's adjust_lr_fn
-_ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo")  # muon: its AdamW part
+_ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", *MUON_BASED, "famo")  # Muon's: its AdamW part
 # The config keys that only some optimizers read (everything else shapes every run alike).
 OPTIMIZER_OPTIONS = {
     "betas": _ADAM_TYPE, "weight_decay": _ADAM_TYPE,
     **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage"), ("mlfop",)),
     "state_dtype": ("soap", "mlfop"),
-    **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), ("muon",)),
+    **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), MUON_BASED),
     **dict.fromkeys(("famo_lr", "famo_weight_decay"), ("famo",)),
 }
 

@@ -12,6 +12,8 @@
 - ``muon``: ``torch.optim.Muon`` on the hidden matrices (:meth:`~mlfop.bench.models.TinyModel.
   hidden_matrices`) and ``torch.optim.AdamW`` at its own rate on the rest (embeddings, output
   heads, 1-D and convolution parameters), both on the accumulated gradient;
+- ``fop-muon``: the same two optimizers, with the Fisher-orthogonal combination of the stream
+  gradients (:class:`FOPMuonRoute`) in front of Muon: a benchmark variant, not in the library;
 - ``upgrad``: torchjd's UPGrad aggregation of the per-stream gradients, then AdamW;
 - ``famo``: torchjd's FAMO loss weighting of the per-stream losses, then AdamW.
 
@@ -23,6 +25,7 @@ that re-measures the losses after the update).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +36,12 @@ from torchjd.aggregation import UPGrad
 from torchjd.scalarization import FAMO
 
 import mlfop
-from mlfop.bench.config import RunConfig
+from mlfop.bench.config import MUON_BASED, RunConfig
+from mlfop.functional import combine_block, fop_system, stream_grams
+from mlfop.optim.config import FOPConfig
 
-__all__ = ["GradientRoute", "Folding", "StreamBuffers", "UPGradRoute", "FAMORoute", "Contender", "build_contender"]
+__all__ = ["GradientRoute", "Folding", "StreamBuffers", "UPGradRoute", "FAMORoute", "FOPMuonRoute", "Contender",
+           "build_contender"]
 
 
 class GradientRoute:
@@ -166,6 +172,67 @@ class FAMORoute(StreamBuffers):
         self.famo = state["famo"]
 
 
+class FOPMuonRoute(StreamBuffers):
+    r"""The Fisher-orthogonal combination in front of Muon, with a diagonal Adam-style metric.
+
+    For the hidden matrices (Muon's parameters), stacked by shape, with stream gradients
+    :math:`g_k = S_k / c_k` (``S_k`` buffer ``k``) and weights :math:`w_k = c_k`:
+
+    .. math::
+        s = \textstyle\sum_k w_k g_k^2, \quad h = \sqrt{\mathrm{lerp}(v, s, 1-\beta_2)} + \epsilon, \quad
+        g_{comb} = \mathrm{FOP}_h(g_1, \dots, g_K), \quad
+        v \leftarrow \mathrm{lerp}(v, \max(s, g_{comb}^2), 1-\beta_2)
+
+    (:func:`mlfop.functional.combine_block` in the identity basis: the layer level, one
+    :math:`\beta` per matrix clipped to ``beta_max``, no noise shrinkage); Muon then steps on
+    ``p.grad`` :math:`= g_{comb}`. :math:`\eta^*` is left out: Muon's orthogonalisation fixes the
+    step's length, which its rate sets. The other parameters get the plain sum
+    :math:`\sum_k S_k` (the accumulated gradient) for AdamW. ``v`` starts at zero; no bias
+    correction is needed, as :math:`\beta` and :math:`g_{comb}` do not change when :math:`h`
+    is scaled."""
+
+    def __init__(self, params: list[nn.Parameter], hidden: list[nn.Parameter], streams: tuple[str, ...],
+                 shares: dict[str, float], beta2: float, eps: float) -> None:
+        super().__init__(params, streams)
+        self.weights = torch.tensor([shares[k] for k in streams], dtype=torch.float32)
+        self.beta2, self.eps, self.fop = beta2, eps, FOPConfig()
+        offsets, start = {}, 0
+        for p in params:
+            offsets[id(p)] = start
+            start += p.numel()
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for p in hidden:
+            by_shape.setdefault(tuple(p.shape), []).append(offsets[id(p)])
+        self.stacks = [(math.prod(shape), starts) for shape, starts in by_shape.items()]
+        self.exp_avg_sq = [torch.zeros(len(starts), size) for size, starts in self.stacks]
+
+    def combine(self, jacobian: Tensor, losses: dict[str, float]) -> Tensor:
+        combined = jacobian.sum(0)
+        betas = []
+        for (size, starts), exp_avg_sq in zip(self.stacks, self.exp_avg_sq):
+            index = torch.tensor(starts)[:, None] + torch.arange(size)  # (B, N) positions in the flat gradient
+            streams = jacobian[:, index].transpose(0, 1) / self.weights[:, None]  # (B, K, N): grad L_k
+            second_moment = (streams.square() * self.weights[:, None]).sum(1)
+            metric = exp_avg_sq.lerp(second_moment, 1.0 - self.beta2).sqrt_().add_(self.eps)
+            system = fop_system(*stream_grams(streams, metric), self.weights, self.fop.eps_fop)
+            combination = combine_block(streams, second_moment, system, beta_max=self.fop.beta_max,
+                                        eta_range=self.fop.eta_range)
+            exp_avg_sq.lerp_(combination.second_moment, 1.0 - self.beta2)
+            combined[index] = combination.momentum
+            betas.append(combination.beta.abs().amax(-1))
+        self.beta_mean = float(torch.cat(betas).mean()) if betas else 0.0
+        return combined
+
+    def diagnostics(self) -> dict[str, float]:
+        return {**self.last, "fop_beta_abs_mean": self.beta_mean}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"exp_avg_sq": [v.clone() for v in self.exp_avg_sq]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.exp_avg_sq = [v.clone() for v in state["exp_avg_sq"]]
+
+
 def _scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numbers of a nested dict, keyed by their joined path (``weights.gen`` -> ``weights_gen``)."""
     values: dict[str, float] = {}
@@ -208,13 +275,15 @@ def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, s
                                     levels=config.levels, heads=heads, noise_shrinkage=config.noise_shrinkage,
                                     stream_statistics=config.stream_statistics, **soap_type)
         return Contender([optimizer], Folding(optimizer, config.fold_tokens or config.loss_weighting == "token"))
-    if name == "muon":
+    if name in MUON_BASED:
         hidden = model.hidden_matrices()
         inner = {id(p) for p in hidden}
         muon = torch.optim.Muon(hidden, lr=lr, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps,
                                 adjust_lr_fn=config.muon_adjust_lr)
         rest = torch.optim.AdamW([p for p in params if id(p) not in inner], **{**common, "lr": adamw_lr})
-        return Contender([muon, rest], GradientRoute())
+        route = (GradientRoute() if name == "muon" else
+                 FOPMuonRoute(params, hidden, config.streams, shares, config.betas[1], common["eps"]))
+        return Contender([muon, rest], route)
     if name == "upgrad":
         return Contender([torch.optim.AdamW(params, **common)], UPGradRoute(params, config.streams))
     if name == "famo":

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlfop.bench.config import RunConfig
+from mlfop.bench.config import MUON_BASED, RunConfig
 from mlfop.bench.data import DigitsData, load_split
 from mlfop.bench.loop import RunSpec, train
 from mlfop.bench.metrics import references
@@ -33,7 +33,7 @@ def run_specs(config: RunConfig) -> list[RunSpec]:
     every seed (seed-major order)."""
     return [RunSpec(name, lr, seed, adamw_lr) for seed in config.seeds for name in config.optimizers
             for lr in config.learning_rates(name)
-            for adamw_lr in (config.muon_adamw_lrs if name == "muon" else (None,))]
+            for adamw_lr in (config.muon_adamw_lrs if name in MUON_BASED else (None,))]
 
 
 def run_benchmark(config: RunConfig, resume: bool = False) -> str:
