@@ -177,7 +177,8 @@ class Study:
         if job not in self.finals and folder_state(folder) == "finished":
             held = json.loads((folder / "config.json").read_text())
             wanted = json.loads(json.dumps(self.plan.config(job).validate().to_dict()))
-            changed = sorted(k for k in wanted if k != "output" and held.get(k) != wanted[k])
+            defaults = json.loads(json.dumps(RunConfig().to_dict()))  # for keys that older folders lack
+            changed = sorted(k for k in wanted if k != "output" and held.get(k, defaults[k]) != wanted[k])
             if changed:
                 raise BenchError(f"{folder} holds a run of another configuration ({', '.join(changed)} differ); "
                                  f"accepted: the plan that made it, or another root or contender name")

@@ -149,3 +149,19 @@ def test_a_finished_folder_of_another_configuration_is_an_error(study, tmp_path)
     (folder / "metrics.jsonl").write_text("")
     with pytest.raises(BenchError, match=r"holds a run of another configuration \(micro_batch differ\)"):
         study.Study(plan).pending()
+
+
+def test_a_finished_folder_from_before_a_new_config_key_counts_as_the_same_run(study, tmp_path):
+    plan = study.Plan(_plan(tmp_path, '[contenders.a]\noptimizer = "mlfop"\nlrs = [1e-2]\n'))
+    job = plan.sweep()[0]
+    folder = plan.folder(job)
+    folder.mkdir(parents=True)
+    held = json.loads(json.dumps(plan.config(job).validate().to_dict()))
+    del held["beta_max"], held["eta_range"]  # keys added later, at their defaults
+    (folder / "config.json").write_text(json.dumps(held))
+    (folder / "metrics.jsonl").write_text("")
+    assert study.Study(plan).finished(job)
+    held["eta_range"] = [1.0, 1.0]  # a non-default value is another run
+    (folder / "config.json").write_text(json.dumps(held))
+    with pytest.raises(BenchError, match=r"another configuration \(eta_range differ\)"):
+        study.Study(plan).finished(job)

@@ -52,6 +52,9 @@ def test_non_positive_steps(steps, capsys, tmp_path):
     (["--diverge-factor", "0.5"], ("diverge_factor",)),
     (["--lrs", "muon=-1"], ("lrs for muon",)),
     (["--muon-adamw-lrs", "0"], ("muon_adamw_lrs",)),
+    (["--eta-range", "1", "0.5"], ("eta_range", "low <= high")),
+    (["--eta-range", "1"], ("eta_range", "two positive")),
+    (["--beta-max", "-1"], ("beta_max",)),
 ])
 def test_bad_budget_and_stability_options(argv, expected, capsys, tmp_path):
     without_steps = TINY[2:]

@@ -38,11 +38,13 @@ def test_sample_budget_sets_the_steps_and_muon_sweeps_both_rates(tmp_path):
 def test_flags(tmp_path):
     config = _config(tmp_path, "--optimizers", "mlfop", "--levels", "global", "--lrs", "mlfop=2e-3,4e-3",
                      "--targets", "fd=300", "--no-augment", "--text-stream", "--no-stream-statistics",
-                     "--no-noise-shrinkage", "--stream-weights", "balanced", "--clip", "0", "--probe-every", "5")
+                     "--no-noise-shrinkage", "--stream-weights", "balanced", "--clip", "0", "--probe-every", "5",
+                     "--beta-max", "0.5", "--eta-range", "1", "1")
     assert config.levels == ("global",) and config.lrs == {"mlfop": (2e-3, 4e-3)}
     assert config.targets == {"fd": 300.0} and not config.augment and config.streams == ("gen", "und", "text")
     assert (config.stream_statistics, config.noise_shrinkage, config.stream_weights) == (False, False, "balanced")
     assert (config.clip, config.probe_every) == (0.0, 5)
+    assert (config.beta_max, config.eta_range) == (0.5, (1.0, 1.0))
 
 
 @pytest.mark.parametrize("batch, micro, text, mix, expected", [

@@ -208,3 +208,9 @@ def test_fop_muon_combines_each_hidden_matrix_under_an_adam_metric_and_sums_the_
     assert sum(v.numel() for v in route.exp_avg_sq) == sum(p.numel() for p in params if id(p) in hidden)
     for resumed, kept in zip(fresh.exp_avg_sq, route.exp_avg_sq):
         assert torch.equal(resumed, kept)
+
+
+def test_mlfop_takes_the_bounds_of_its_correction_from_the_config():
+    optimizer, _ = build_optimizer("mlfop", _Model(2, 2), 1e-3, RunConfig(beta_max=0.5, eta_range=(1.0, 1.0)))
+    group = optimizer.param_groups[0]
+    assert (group["beta_max"], tuple(group["eta_range"])) == (0.5, (1.0, 1.0))

@@ -60,6 +60,8 @@ _HELP = {
     "stream_statistics": "ML-FOP-SOAP: Kronecker factors from the streams (--no-stream-statistics: from the "
                          "shared component)",
     "noise_shrinkage": "ML-FOP-SOAP: shrink each correction by its sampling-noise share",
+    "beta_max": "ML-FOP-SOAP: bound on the correction coefficients |beta| (ablation)",
+    "eta_range": "ML-FOP-SOAP: low high bounds of the step scale eta* (1 1: no scaling; ablation)",
     "state_dtype": "SOAP and ML-FOP-SOAP: dtype of the moments, float32 or bfloat16 (factors and bases stay float32)",
     "muon_adamw_lrs": "learning rates of Muon's AdamW part (embeddings, heads, 1-D); a sweep axis",
     "muon_adjust_lr": "torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw",

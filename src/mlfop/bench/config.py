@@ -44,7 +44,8 @@ _ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", *MUON_BASED, "famo")  # Muon's
 # The config keys that only some optimizers read (everything else shapes every run alike).
 OPTIMIZER_OPTIONS = {
     "betas": _ADAM_TYPE, "weight_decay": _ADAM_TYPE,
-    **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage"), ("mlfop",)),
+    **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage", "beta_max",
+                     "eta_range"), ("mlfop",)),
     "state_dtype": ("soap", "mlfop"),
     **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), MUON_BASED),
     **dict.fromkeys(("famo_lr", "famo_weight_decay"), ("famo",)),
@@ -95,6 +96,8 @@ class RunConfig:
     fold_tokens: bool = False  # ML-FOP-SOAP: fold with loss-token counts even under "task" weighting
     stream_statistics: bool = True  # ML-FOP-SOAP: Kronecker factors from the streams (False: shared)
     noise_shrinkage: bool = True  # ML-FOP-SOAP: shrink corrections by their sampling noise
+    beta_max: float = 1.0  # ML-FOP-SOAP: bound on the correction coefficients
+    eta_range: tuple[float, float] = (1.0 / 3.0, 1.0)  # ML-FOP-SOAP: bounds of the step scale eta*
     state_dtype: str = "float32"  # SOAP and ML-FOP-SOAP: dtype of the moments
     muon_adamw_lrs: tuple[float, ...] = (3e-3,)  # rates of Muon's AdamW part (a sweep axis)
     muon_adjust_lr: str = "original"
@@ -200,6 +203,11 @@ class RunConfig:
                                   ("clip", self.clip, math.inf)):
             if not _is_number(value) or not 0.0 <= value <= high or not math.isfinite(value):
                 raise BenchError(f"{name}: a finite number in [0, {high:g}], got {value!r}")
+        if not _is_number(self.beta_max) or not 0.0 <= self.beta_max < math.inf:
+            raise BenchError(f"beta_max: a finite number >= 0, got {self.beta_max!r}")
+        if len(self.eta_range) != 2 or any(not (_is_number(e) and 0 < e < math.inf) for e in self.eta_range) or (
+                self.eta_range[0] > self.eta_range[1]):
+            raise BenchError(f"eta_range: two positive finite numbers, low <= high, got {self.eta_range!r}")
         if len(self.betas) != 2 or any(not (_is_number(b) and 0 <= b < 1) for b in self.betas):
             raise BenchError(f"betas: two numbers in [0, 1), got {self.betas!r}")
         if not _is_number(self.diverge_factor) or not (self.diverge_factor == 0 or 1 < self.diverge_factor < math.inf):

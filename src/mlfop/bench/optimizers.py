@@ -273,7 +273,8 @@ def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, s
         heads = model.hf if "head" in config.levels else None
         optimizer = mlfop.MLFOPSOAP(params, streams=config.streams, stream_weights=config.stream_weights,
                                     levels=config.levels, heads=heads, noise_shrinkage=config.noise_shrinkage,
-                                    stream_statistics=config.stream_statistics, **soap_type)
+                                    stream_statistics=config.stream_statistics, beta_max=config.beta_max,
+                                    eta_range=tuple(config.eta_range), **soap_type)
         return Contender([optimizer], Folding(optimizer, config.fold_tokens or config.loss_weighting == "token"))
     if name in MUON_BASED:
         hidden = model.hidden_matrices()
