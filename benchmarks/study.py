@@ -265,8 +265,8 @@ def run(plan: Plan, only: str, dry_run: bool) -> int:
                     failed[job] = process.returncode
                     _log(f"FAILED {job.name}: exit code {process.returncode}; see {plan.folder(job)}.log")
     except KeyboardInterrupt:
-        for process, _ in running.values():
-            process.send_signal(signal.SIGINT)
+        for process, _ in running.values():  # not SIGINT: jobs of a driver started with `&` ignore it
+            process.send_signal(signal.SIGTERM)
         for job, (process, _) in running.items():
             try:
                 process.wait(STOP_SECONDS)

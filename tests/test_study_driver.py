@@ -3,6 +3,7 @@ study stopped with Ctrl-C, restarted to the end, and then found complete."""
 
 import importlib.util
 import json
+import signal
 import sys
 import time
 import types
@@ -98,7 +99,11 @@ def test_a_two_job_study_stops_on_ctrl_c_and_restarts_to_the_end(study, tmp_path
 
     clock = types.SimpleNamespace(sleep=interrupt_once_training, strftime=time.strftime, perf_counter=time.perf_counter)
     monkeypatch.setattr(study, "time", clock)  # the driver's clock only (subprocess waits sleep too)
-    assert study.main([path]) == 130
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a driver started with `&`: the jobs inherit it
+    try:
+        assert study.main([path]) == 130
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     assert "stopped: 0 jobs done, 2 interrupted (resumable)" in capsys.readouterr().out
     states = [folder_state(f) for f in folders]
     assert "interrupted" in states and set(states) <= {"interrupted", "unstarted", "new"}, states
