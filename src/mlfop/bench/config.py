@@ -67,7 +67,7 @@ class RunConfig:
 
     model: str = "emu3"
     tokenizer: str = "km64"
-    optimizers: tuple[str, ...] = ("adamw", "soap", "mlfop")
+    optimizers: tuple[str, ...] = ("adamw", "muon", "soap", "mlfop")
     lrs: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per optimizer; default DEFAULT_LRS
     batch: int = 1024  # sequences per optimizer step, all streams together
     micro_batch: int = 64  # sequences per forward/backward; each holds one stream
