@@ -12,6 +12,9 @@ def _config(tmp_path, *argv):
     return _run_config(_parser().parse_args(["run", "--output", str(tmp_path / "out"), *argv]))
 
 
+DEFAULT_RUNS = ["adamw-lr0.001", "adamw-lr0.003", "muon-lr0.02-adamw0.003", "soap-lr0.01", "mlfop-lr0.01"]  # the default optimizers
+
+
 def test_toml_and_yaml_sweeps_with_flags_on_top(tmp_path):
     (tmp_path / "sweep.toml").write_text(
         'model = "janus"\nseeds = [0, 1]\nsteps = 30\n[lrs]\nadamw = [1e-3, 3e-3]\nsoap = 1e-2\n')
@@ -22,8 +25,8 @@ def test_toml_and_yaml_sweeps_with_flags_on_top(tmp_path):
     assert from_toml == from_yaml
     assert (from_toml.model, from_toml.steps, from_toml.seeds) == ("janus", 12, (0, 1))
     names = [spec.name for spec in run_specs(from_toml)]
-    assert names == ["adamw-lr0.001-s0", "adamw-lr0.003-s0", "soap-lr0.01-s0", "mlfop-lr0.01-s0",
-                     "adamw-lr0.001-s1", "adamw-lr0.003-s1", "soap-lr0.01-s1", "mlfop-lr0.01-s1"]
+    assert names == [*(f"{name}-s0" for name in DEFAULT_RUNS), *(f"{name}-s1" for name in DEFAULT_RUNS)]
+
 
 
 def test_sample_budget_sets_the_steps_and_muon_sweeps_both_rates(tmp_path):
