@@ -12,7 +12,8 @@ def _config(tmp_path, *argv):
     return _run_config(_parser().parse_args(["run", "--output", str(tmp_path / "out"), *argv]))
 
 
-DEFAULT_RUNS = ["adamw-lr0.001", "adamw-lr0.003", "muon-lr0.02-adamw0.003", "soap-lr0.01", "mlfop-lr0.01"]  # the default optimizers
+# the runs of the default optimizers at their default rates (adamw swept here)
+DEFAULT_RUNS = ["adamw-lr0.001", "adamw-lr0.003", "muon-lr0.02-adamw0.003", "soap-lr0.01", "mlfop-lr0.01"]
 
 
 def test_toml_and_yaml_sweeps_with_flags_on_top(tmp_path):
