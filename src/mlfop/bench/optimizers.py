@@ -196,6 +196,7 @@ class FOPMuonRoute(StreamBuffers):
         super().__init__(params, streams)
         self.weights = torch.tensor([shares[k] for k in streams], dtype=torch.float32)
         self.beta2, self.eps, self.fop = beta2, eps, FOPConfig()
+        self.beta_mean = 0.0  # mean |beta| over the hidden matrices at the last step
         offsets, start = {}, 0
         for p in params:
             offsets[id(p)] = start
