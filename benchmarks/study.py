@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlfop.bench.config import MUON_BASED, BenchError, RunConfig, coerce_config, config_from, read_table
+from mlfop.bench.config import (MUON_BASED, SAVED_DEFAULTS, BenchError, RunConfig, coerce_config, config_from,
+                                read_table)
 from mlfop.bench.report import load_finals
 from mlfop.bench.runfolder import folder_state
 from mlfop.bench.summary import aggregate, best_rates
@@ -177,8 +178,7 @@ class Study:
         if job not in self.finals and folder_state(folder) == "finished":
             held = json.loads((folder / "config.json").read_text())
             wanted = json.loads(json.dumps(self.plan.config(job).validate().to_dict()))
-            defaults = json.loads(json.dumps(RunConfig().to_dict()))  # for keys that older folders lack
-            changed = sorted(k for k in wanted if k != "output" and held.get(k, defaults[k]) != wanted[k])
+            changed = sorted(k for k in wanted if k != "output" and held.get(k, SAVED_DEFAULTS[k]) != wanted[k])
             if changed:
                 raise BenchError(f"{folder} holds a run of another configuration ({', '.join(changed)} differ); "
                                  f"accepted: the plan that made it, or another root or contender name")

@@ -7,6 +7,7 @@ the CLI turns it into exit code 2 before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -22,9 +23,9 @@ from mlfop.bench.data import TRAIN_SIZE
 from mlfop.bench.models import MODELS, ModelConfig
 from mlfop.bench.tokenizers import TOKENIZERS
 
-__all__ = ["BenchError", "RunConfig", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
-           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "MUON_BASED", "OPTIMIZER_OPTIONS", "read_table", "coerce_config",
-           "config_from", "load_config_file"]
+__all__ = ["BenchError", "RunConfig", "SAVED_DEFAULTS", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
+           "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "MUON_BASED", "OPTIMIZER_OPTIONS", "read_table",
+           "coerce_config", "config_from", "load_config_file"]
 
 OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo", "fop-muon")
 MUON_BASED = ("muon", "fop-muon")  # torch.optim.Muon on the hidden matrices, AdamW at its own rate on the rest
@@ -38,8 +39,8 @@ STREAMS = ("gen", "und", "text")
 LEVELS = ("global", "layer", "head")
 STREAM_WEIGHTS = ("tokens", "fixed", "balanced")
 LOSS_WEIGHTINGS = ("task", "token")
-MUON_ADJUST_LR = ("original", "match_rms_adamw")
-STATE_DTYPES = ("float32", "bfloat16")  # SOAP's and ML-FOP-SOAP's moments (state_dtype)  # torch.optim.Muon's adjust_lr_fn
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+STATE_DTYPES = ("float32", "bfloat16")  # SOAP's and ML-FOP-SOAP's moments (state_dtype)
 _ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", *MUON_BASED, "famo")  # Muon's: its AdamW part
 # The config keys that only some optimizers read (everything else shapes every run alike).
 OPTIMIZER_OPTIONS = {
@@ -263,6 +264,11 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+# Every default as a run folder's config.json holds it (lists for tuples): what a folder written
+# before a key existed ran with.
+SAVED_DEFAULTS: dict[str, Any] = json.loads(json.dumps(RunConfig().to_dict()))
 
 
 def read_table(path: str, what: str = "config file") -> dict[str, Any]:

@@ -14,7 +14,7 @@ import statistics
 from collections import Counter, defaultdict
 from typing import Any
 
-from mlfop.bench.config import METRICS, OPTIMIZER_OPTIONS, RunConfig
+from mlfop.bench.config import METRICS, OPTIMIZER_OPTIONS, SAVED_DEFAULTS
 
 __all__ = ["setting", "group_label", "aggregate", "most_seeded", "markdown_table", "best_rates", "best_rate_table",
            "stability_table", "claims_table", "COLUMNS", "REFERENCES"]
@@ -25,7 +25,6 @@ COLUMNS = (("gen_nll", "gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "un
 # Config keys that do not change what a run trains (or that the table shows in their own columns).
 _NOT_SETTING = ("seeds", "output", "optimizers", "lrs", "muon_adamw_lrs", "threads", "targets", "eval_every",
                 "samples", "train_samples", "probe_every", "diverge_factor")
-_DEFAULTS = json.loads(json.dumps(RunConfig().to_dict()))  # as a run folder's config.json holds them
 _FLAGS = ("diverged", "stalled_gen", "stalled_und")
 
 
@@ -33,7 +32,7 @@ def setting(config: dict[str, Any], optimizer: str) -> dict[str, Any]:
     """The part of a run folder's config that decides how ``optimizer`` trains, seed and rate
     aside: without the options only other optimizers read (so that runs from folders that differ
     only there group together), with today's defaults for keys older folders lack."""
-    full = {**_DEFAULTS, **config}
+    full = {**SAVED_DEFAULTS, **config}
     return {k: v for k, v in full.items()
             if k not in _NOT_SETTING and optimizer in OPTIMIZER_OPTIONS.get(k, (optimizer,))}
 
@@ -55,7 +54,7 @@ def group_label(record: dict[str, Any]) -> str:
     differ from the defaults in brackets."""
     config = record["setting"]
     changed = [f"{k}={_plain(v)}" for k, v in config.items() if k in OPTIMIZER_OPTIONS and _plain(v) != _plain(
-        _DEFAULTS[k])]
+        SAVED_DEFAULTS[k])]
     optimizer = record["optimizer"] + (f"[{','.join(changed)}]" if changed else "")
     return f"{config['model']} {config['tokenizer']} b{config['batch']} {optimizer} lr{_rate(record)}"
 
