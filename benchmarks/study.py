@@ -21,8 +21,10 @@ Every start reads the folders: finished jobs are skipped, interrupted ones resum
 Ctrl-C (or SIGTERM) interrupts the running jobs, each resumable, and the same command continues
 the study. A job that fails is reported with its log (``<folder>.log``) and not retried until the
 next start. ``--dry-run`` prints the commands of the jobs that could start now; ``--only GLOB``
-keeps the jobs whose name (``emu3-b1024/adamw/lr0.003-s0``) matches. ``mlfop-bench report ROOT``
-makes every table and figure from the folders.
+keeps the jobs whose name (``emu3-b1024/adamw/lr0.003-s0``) matches; ``--set KEY=VALUE`` overrides a
+plan key (a dotted path, a TOML value), so a targeted run needs no copy of the plan: ``--set parallel=1
+--set widen=0 --set contenders.mlfop.lrs=[0.01]``. ``mlfop-bench report ROOT`` makes every table and
+figure from the folders.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +56,7 @@ PLAN_KEYS = ("root", "parallel", "models", "batches", "contenders", "common", "t
 STAGE_KEYS = ("extra_seeds", "widen")  # a contender may override these plan keys
 SCOPE_KEYS = ("models", "batches")  # a contender may run on some models or batches only
 POLL_SECONDS = 0.5
+PROGRESS_SECONDS = 60  # a job's progress bar writes to its log at most this often
 STOP_SECONDS = 120  # how long an interrupted job may take to save before it is killed
 
 
@@ -76,8 +80,10 @@ class Job:
 class Plan:
     """A study plan, checked: every job's configuration is validated before anything runs."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, overrides: Sequence[str] = ()) -> None:
         plan = read_table(path, "plan")
+        for override in overrides:
+            _override(plan, override, path)
         unknown = sorted(set(plan) - set(PLAN_KEYS))
         if unknown or not all(plan.get(key) for key in ("models", "batches", "contenders")):
             raise BenchError(f"plan {path}: keys {', '.join(PLAN_KEYS)} (models, batches and contenders required)"
@@ -211,6 +217,26 @@ class Study:
                         if not self.finished(job)]
 
 
+def _override(plan: dict[str, Any], override: str, path: str) -> None:
+    """Set ``plan[a][b]...[key] = value`` from ``a.b...key=value`` (a TOML value) in place."""
+    dotted, equals, text = override.partition("=")
+    keys = dotted.strip().split(".")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"] if equals else None
+    except tomllib.TOMLDecodeError:
+        value = None
+    if value is None or not all(keys):
+        raise BenchError(f"--set {override!r}: expected KEY=VALUE, KEY a dotted plan key and VALUE a TOML value "
+                         "(parallel=1, contenders.mlfop.lrs=[0.01], common.clip=0.0)")
+    table = plan
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(table.get(key), dict):
+            raise BenchError(f"--set {override!r}: plan {path} has no table {'.'.join(keys[:depth + 1])}; "
+                             f"accepted: {', '.join(k for k, v in table.items() if isinstance(v, dict)) or 'none'}")
+        table = table[key]
+    table[keys[-1]] = value
+
+
 def _beyond(values: list[float], side: str) -> float:
     """The next rate past the lowest or highest, at the ratio of the two outermost (3 digits)."""
     low, high = (values[0], values[1]) if side == "lowest" else (values[-1], values[-2])
@@ -227,7 +253,7 @@ def run(plan: Plan, only: str, dry_run: bool) -> int:
     running: dict[Job, tuple[subprocess.Popen, float]] = {}
     failed: dict[Job, int] = {}
     changed, finished, elsewhere = True, 0, set()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_MININTERVAL": str(PROGRESS_SECONDS)}
     try:
         while True:
             if changed:
@@ -293,10 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("plan", help="the study plan, TOML or YAML")
     parser.add_argument("--only", default="*", metavar="GLOB", help="run only the jobs whose name matches")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the jobs that could start now")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="override a plan key: a dotted path and a TOML value (contenders.mlfop.lrs=[0.01])")
     args = parser.parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return run(Plan(args.plan), args.only, args.dry_run)
+        return run(Plan(args.plan, args.overrides), args.only, args.dry_run)
     except BenchError as error:
         print(f"study: error: {error}", file=sys.stderr)
         return 2

@@ -63,6 +63,31 @@ def test_a_bad_plan_is_refused_before_anything_runs(contenders, expected, study,
     assert not (tmp_path / "runs").exists()
 
 
+def test_set_overrides_plan_keys_without_a_copy_of_the_plan(study, tmp_path, capsys):
+    path = _plan(tmp_path, '[contenders.a]\noptimizer = "adamw"\nlrs = [1e-3, 3e-3]\n')
+    plan = study.Plan(path, ["contenders.a.lrs=[0.05]", "seeds=[3, 4]", "batches.8.micro_batch=2", "parallel=1"])
+    assert [job.name for job in plan.sweep()] == ["emu3-b8/a/lr0.05-s3", "emu3-b8/a/lr0.05-s4"]
+    assert plan.parallel == 1 and plan.config(plan.sweep()[0]).micro_batch == 2
+    assert study.main([path, "--set", "contenders.a.lrs=[0.05]", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--lrs adamw=0.05 " in out and out.count("\n") == 1, out
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("contenders.b.lrs=[0.05]", "has no table contenders.b; accepted: a"),
+    ("contenders.a.lrs=[0.05", "expected KEY=VALUE"),
+    ("widen", "expected KEY=VALUE"),
+    ("paralel=1", "unknown: paralel"),
+    ("contenders.a.lrs=[]", "contender 'a' needs an optimizer and its lrs"),
+])
+def test_a_bad_override_is_refused_before_anything_runs(override, expected, study, tmp_path, capsys):
+    path = _plan(tmp_path, '[contenders.a]\noptimizer = "adamw"\nlrs = [1e-3]\n')
+    assert study.main([path, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study: error: ") and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
 def _final(job, samples, loss):
     config = RunConfig(lrs={"adamw": (job.lr,)}).to_dict()
     return {"optimizer": "adamw", "lr": job.lr, "seed": job.seed, "samples_to_all": samples, "gen_nll": loss,
@@ -118,6 +143,8 @@ def test_a_two_job_study_stops_on_ctrl_c_and_restarts_to_the_end(study, tmp_path
     assert [folder_state(f) for f in folders] == ["finished", "finished"]
     config = json.loads((folders[0] / "config.json").read_text())
     assert (config["threads"], config["eval_every"], config["probe_every"]) == (1, 75, 75)
+    bars = [_text(f.with_name(f.name + ".log")).count("\r") for f in folders]  # not one per 0.1 s
+    assert max(bars) <= 2 * (1 + states.count("interrupted")), bars
 
     assert study.main([path]) == 0
     assert "start" not in capsys.readouterr().out

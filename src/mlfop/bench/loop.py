@@ -111,8 +111,8 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
             _log(writer, "train", record)
             if probed:
                 folder.append({"kind": "probe", "run": spec.name, "step": step, **probe.summary()})
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()}, refresh=False)  # drawn by the update
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
             if step % config.eval_every == 0 or step == config.steps or progress["stopped"]:
                 evals.append(_evaluate(model, data, config, spec, step, clock, folder))
                 _log(writer, "eval", evals[-1])
