@@ -88,6 +88,7 @@ class Plan:
         if unknown or not all(plan.get(key) for key in ("models", "batches", "contenders")):
             raise BenchError(f"plan {path}: keys {', '.join(PLAN_KEYS)} (models, batches and contenders required)"
                              + (f"; unknown: {', '.join(unknown)}" if unknown else ""))
+        _check_shapes(plan, path)
         self.path, self.root = path, Path(plan.get("root", "study"))
         self.parallel, self.models = int(plan.get("parallel", 2)), list(plan["models"])
         self.batches = {int(batch): dict(keys) for batch, keys in plan["batches"].items()}
@@ -215,6 +216,26 @@ class Study:
                 chosen = {"lr": [best["lr"]], "adamw_lr": [best["adamw_lr"]]}
                 return [job for job in self.plan.grid(group, chosen, self.plan.stage(contender, "extra_seeds"))
                         if not self.finished(job)]
+
+
+TABLES, LISTS = ("batches", "contenders", "common", "targets"), ("models", "seeds", "extra_seeds")
+CONTENDER_LISTS = ("lrs", "muon_adamw_lrs", "models", "batches", "extra_seeds")
+
+
+def _check_shapes(plan: dict[str, Any], path: str) -> None:
+    """Refuse a plan (or an override) whose tables or lists hold another kind of value."""
+    wrong = [key for key in TABLES if not isinstance(plan.get(key, {}), dict)]
+    wrong += [key for key in LISTS if not isinstance(plan.get(key, []), list)]
+    for group in ("batches", "contenders"):
+        for name, keys in (plan.get(group) if isinstance(plan.get(group), dict) else {}).items():
+            if not isinstance(keys, dict):
+                wrong.append(f"{group}.{name}")
+            elif group == "contenders":
+                wrong += [f"contenders.{name}.{k}" for k in CONTENDER_LISTS if not isinstance(keys.get(k, []), list)]
+    if wrong:
+        raise BenchError(f"plan {path}: {', '.join(wrong)} of the wrong kind; accepted: tables for "
+                         f"{', '.join(TABLES)} and each batch and contender, lists for {', '.join(LISTS)} and a "
+                         f"contender's {', '.join(CONTENDER_LISTS)}")
 
 
 def _override(plan: dict[str, Any], override: str, path: str) -> None:

@@ -79,6 +79,10 @@ def test_set_overrides_plan_keys_without_a_copy_of_the_plan(study, tmp_path, cap
     ("widen", "expected KEY=VALUE"),
     ("paralel=1", "unknown: paralel"),
     ("contenders.a.lrs=[]", "contender 'a' needs an optimizer and its lrs"),
+    ("contenders.a.lrs=0.05", "contenders.a.lrs of the wrong kind"),
+    ("contenders.a=1", "contenders.a of the wrong kind"),
+    ("common=1", "common of the wrong kind"),
+    ("seeds=0", "seeds of the wrong kind"),
 ])
 def test_a_bad_override_is_refused_before_anything_runs(override, expected, study, tmp_path, capsys):
     path = _plan(tmp_path, '[contenders.a]\noptimizer = "adamw"\nlrs = [1e-3]\n')
