@@ -39,11 +39,12 @@ def test_time_to_targets_and_flags():
                        "samples_to_all": 1280, "seconds_to_all": 9.0, "cpu_seconds_to_all": 8.5}
     refs = {"gen_prior_nll": 3.4, "und_prior_nll": 2.3}
     assert run_flags(evals, refs, stopped=None) == {"diverged": False, "divergence": None, "stalled_gen": False,
-                                                    "stalled_und": False}
+                                                    "stalled_und": False, "overfit_gen": False, "overfit_und": False}
     stuck = evals[:2]
     assert run_flags(stuck, refs, stopped=None)["stalled_und"]
     assert run_flags(evals, refs, stopped="exploded") | {"stalled_gen": None} == {
-        "diverged": True, "divergence": "exploded", "stalled_gen": None, "stalled_und": False}
+        "diverged": True, "divergence": "exploded", "stalled_gen": None, "stalled_und": False, "overfit_gen": False,
+        "overfit_und": False}
     assert time_to_targets(evals, {"und_acc": 0.9}, batch=64)["samples_to_all"] is None
 
 
@@ -54,6 +55,21 @@ def test_held_out_loss_above_its_start_or_not_finite_is_divergence_and_a_stall()
     assert grew["divergence"] == "heldout_grew" and not grew["stalled_gen"] and grew["stalled_und"]
     broken = run_flags([start, {**start, "gen_nll": math.nan, "und_nll": math.inf, "und_acc": 0.1}], refs, None)
     assert broken["diverged"] and broken["stalled_gen"] and broken["stalled_und"]
+
+
+def test_a_task_learned_then_lost_while_the_training_loss_falls_is_overfit_not_stalled():
+    refs = {"gen_prior_nll": 3.4, "und_prior_nll": 2.3}
+    evals = [{"step": s, "gen_nll": g, "und_nll": 2.0, "und_acc": 0.9}
+             for s, g in ((0, 4.0), (10, 1.8), (20, 2.9), (30, 3.38))]  # best 1.8, ends at the prior
+    overfit = run_flags(evals, refs, None, {"loss_gen": 0.4, "loss_und": 0.1})
+    assert overfit["overfit_gen"] and not overfit["stalled_gen"] and not overfit["diverged"]
+    # the training loss no lower than the best held-out value: lost, not overfit, so a stall
+    lost = run_flags(evals, refs, None, {"loss_gen": 1.8, "loss_und": 0.1})
+    assert lost["stalled_gen"] and not lost["overfit_gen"]
+    assert run_flags(evals, refs, None)["stalled_gen"]  # no training loss known: a stall
+    never = [evals[0], {**evals[-1], "gen_nll": 3.36}]  # never clearly below the prior
+    assert run_flags(never, refs, None, {"loss_gen": 0.4})["stalled_gen"]
+    assert not run_flags(evals, refs, "exploded", {"loss_gen": 0.4})["overfit_gen"]
 
 
 def test_divergence_of_a_step():

@@ -113,6 +113,13 @@ def test_stability_is_the_largest_rate_no_seed_diverged_or_stalled_at():
     assert no_high.endswith("| 0.003 | 0.01: stalled_und 1/2 |")
 
 
+def test_overfitting_is_noted_but_not_a_stability_failure():
+    finals = [_final("adamw", 0, 40, 3.0, lr=1e-3), _final("adamw", 0, 40, 3.4, lr=1e-2, flags=("overfit_gen",)),
+              _final("adamw", 1, 40, 3.0, lr=1e-2)]
+    line = _rows(stability_table(aggregate(finals)))[0]
+    assert "| 0.001: ok; 0.01: ok (overfit_gen 1/2) | 0.01 | — |" in line
+
+
 def test_claims_compare_each_row_with_the_best_adamw_and_muon_of_its_setting():
     def scored(fd, und_acc, *args, **changes):
         return _final(*args, **changes) | {"fd": fd, "und_acc": und_acc}

@@ -207,7 +207,7 @@ def _final(spec: RunSpec, config: RunConfig, model: TinyModel, refs: dict[str, f
         "seconds_per_step": clock["train_seconds"] / max(step, 1),
         **{k: v for k, v in evals[-1].items() if k not in ("kind", "run", "step", *clock)},
         **{k: v for k, v in last_train.items() if k.startswith("loss_")},
-        **time_to_targets(evals, config.targets, config.batch), **run_flags(evals, refs, stopped),
+        **time_to_targets(evals, config.targets, config.batch), **run_flags(evals, refs, stopped, last_train),
         "diverged_step": step if stopped else None,
     }
     folder.append(final)

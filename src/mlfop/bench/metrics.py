@@ -27,7 +27,7 @@ from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
 
 __all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
-           "run_flags", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
+           "run_flags", "lowest", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
 
 STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is not this far below its prior may be stalled
 STALL_ACCURACY = 0.2  # understanding must also be at most this accurate (chance is 0.1) to be stalled
@@ -121,13 +121,20 @@ def time_to_targets(evals: list[dict], targets: dict[str, float], batch: int) ->
     return result
 
 
-def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None) -> dict[str, bool | str | None]:
+def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None,
+              train_losses: dict[str, float] | None = None) -> dict[str, bool | str | None]:
     """``divergence``: why the run diverged, if it did: ``stopped`` (``"nonfinite"`` or
     ``"exploded"``, from the loop) or ``"heldout_grew"`` (a held-out loss ended above its start);
     ``diverged``: whether it did; ``stalled_gen``: the final generation NLL not
     :data:`STALL_MARGIN` below the unigram prior; ``stalled_und``: the same for the answer NLL
     and the class prior, with an accuracy of at most :data:`STALL_ACCURACY` (an accurate but
-    over-confident model is not stuck at its prior). Missing (non-finite) values count as stalled."""
+    over-confident model is not stuck at its prior). Missing (non-finite) values count as stalled.
+
+    ``overfit_gen`` / ``overfit_und`` replace a stall of a run that did not diverge when the task
+    was learned and then lost to overfitting: its best held-out NLL went :data:`STALL_MARGIN`
+    below the prior, and the final training loss (``train_losses["loss_gen"]`` /
+    ``["loss_und"]``) lies :data:`STALL_MARGIN` below that best, i.e. the model fits its training
+    sequences better than it ever fitted held-out ones."""
     first, last = evals[0], {k: _finite_or_none(v) for k, v in evals[-1].items()}
     grew = any(last.get(k) is None or last[k] > first[k] for k in ("gen_nll", "und_nll"))
     divergence = stopped or ("heldout_grew" if grew else None)
@@ -135,12 +142,25 @@ def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None) ->
     def below_prior(key: str, prior: str) -> bool:
         return last.get(key) is not None and last[key] < refs[prior] - STALL_MARGIN
 
-    return {
-        "diverged": divergence is not None,
-        "divergence": divergence,
-        "stalled_gen": not below_prior("gen_nll", "gen_prior_nll"),
-        "stalled_und": not below_prior("und_nll", "und_prior_nll") and not (last.get("und_acc") or 0) > STALL_ACCURACY,
-    }
+    def overfit(key: str, prior: str, loss: str) -> bool:
+        best = lowest(evals, key)
+        best = math.inf if best is None else best
+        train = _finite_or_none((train_losses or {}).get(loss))
+        return (divergence is None and best < refs[prior] - STALL_MARGIN
+                and train is not None and train < best - STALL_MARGIN)
+
+    stalled = {"gen": not below_prior("gen_nll", "gen_prior_nll"),
+               "und": not below_prior("und_nll", "und_prior_nll") and not (last.get("und_acc") or 0) > STALL_ACCURACY}
+    overfits = {task: stalled[task] and overfit(f"{task}_nll", f"{task}_prior_nll", f"loss_{task}")
+                for task in stalled}
+    return {"diverged": divergence is not None, "divergence": divergence,
+            **{f"stalled_{task}": stalled[task] and not overfits[task] for task in stalled},
+            **{f"overfit_{task}": overfits[task] for task in stalled}}
+
+
+def lowest(evals: list[dict], key: str) -> float | None:
+    """The lowest finite value of ``key`` over the evaluations (the best held-out NLL), if any."""
+    return min((v for r in evals if (v := _finite_or_none(r.get(key))) is not None), default=None)
 
 
 def _finite_or_none(value: object) -> object:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError
-from mlfop.bench.metrics import time_to_targets
+from mlfop.bench.metrics import lowest, run_flags, time_to_targets
 from mlfop.bench.plots import plot_aggregate, plot_heterogeneity
 from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.summary import (aggregate, best_rate_table, claims_table, group_label, markdown_table, most_seeded,
@@ -87,8 +87,8 @@ def check_report_input(sources: list[str], output: str, targets: dict[str, float
 def load_finals(sources: list[str], targets: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float], list[Path]]:
     """The final records of the sources' runs, each with its ``setting``, held-out ``curve`` and
-    ``probes``, times to target recomputed for the targets (returned too); and the unfinished
-    folders found."""
+    ``probes``, times to target recomputed for the targets (returned too) and flags recomputed
+    from the curve (runs of older versions gain the newer flags); and the unfinished folders found."""
     targets = _targets(sources, targets)
     finals, unfinished = [], []
     for directory, chosen in map(parse_source, sources):
@@ -98,12 +98,15 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
             folder = RunFolder(path)
             config = folder.read_json("config.json")
             records = folder.records()
+            refs = folder.read_json("references.json")
             for final in (r for r in records if r["kind"] == "final"):
                 if chosen is not None and final["optimizer"] not in chosen:
                     continue
                 mine = [r for r in records if r["run"] == final["run"]]
                 curve = [r for r in mine if r["kind"] == "eval"]
+                stopped = final["divergence"] if final.get("divergence") in ("nonfinite", "exploded") else None
                 finals.append({**final, **time_to_targets(curve, targets, final["batch"]),
+                               **run_flags(curve, refs, stopped, final), "best_gen_nll": lowest(curve, "gen_nll"),
                                "setting": setting(config, final["optimizer"]), "curve": curve,
                                "probes": [r for r in mine if r["kind"] == "probe"]})
     return finals, targets, unfinished

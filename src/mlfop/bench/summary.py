@@ -20,12 +20,13 @@ __all__ = ["setting", "group_label", "aggregate", "most_seeded", "markdown_table
            "stability_table", "claims_table", "COLUMNS", "REFERENCES"]
 
 # (record key, column title, digits)
-COLUMNS = (("gen_nll", "gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "und NLL", 3), ("fd", "FD", 0),
+COLUMNS = (("gen_nll", "gen NLL", 3), ("best_gen_nll", "best gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "und NLL", 3), ("fd", "FD", 0),
            ("text_nll", "text NLL", 3), ("loss_gen", "train gen", 3), ("loss_und", "train und", 3))
 # Config keys that do not change what a run trains (or that the table shows in their own columns).
 _NOT_SETTING = ("seeds", "output", "optimizers", "lrs", "muon_adamw_lrs", "threads", "targets", "eval_every",
                 "samples", "train_samples", "probe_every", "diverge_factor")
-_FLAGS = ("diverged", "stalled_gen", "stalled_und")
+_FAILURES = ("diverged", "stalled_gen", "stalled_und")
+_FLAGS = (*_FAILURES, "overfit_gen", "overfit_und")  # overfitting: learned, then lost held out
 
 
 def setting(config: dict[str, Any], optimizer: str) -> dict[str, Any]:
@@ -302,9 +303,16 @@ def best_rate_table(rows: list[dict[str, Any]]) -> str:
 
 
 # -------------------------------------------------------------------------- stability
+def _failed(runs: list[dict]) -> bool:
+    """Whether a seed diverged or stalled (overfitting is not a failure of the optimizer)."""
+    return any(r.get(name) for r in runs for name in _FAILURES)
+
+
 def _outcome(runs: list[dict]) -> str:
-    """``ok`` when no seed diverged or stalled, else what happened and in how many seeds."""
-    return "ok" if not any(r.get(name) for r in runs for name in _FLAGS) else _flags(runs)
+    """What happened and in how many seeds: ``ok`` when no seed diverged or stalled, with
+    overfitting noted in brackets."""
+    flags = _flags(runs)
+    return flags if _failed(runs) else "ok" + ("" if flags == "—" else f" ({flags})")
 
 
 def stability_table(rows: list[dict[str, Any]]) -> str:
@@ -318,17 +326,17 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
     lines = _head(varying, "clip", "outcome per rate", "largest stable rate", "first failure above it")
     for (_, adamw_lr), group in series.items():
         group.sort(key=lambda row: row["lr"])
-        outcomes = [(row, _outcome(row["runs"])) for row in group]
-        stable = [row for row, outcome in outcomes if outcome == "ok"]
+        stable = [row for row in group if not _failed(row["runs"])]
         largest = stable[-1]["lr"] if stable else None
-        above = next(((row, o) for row, o in outcomes if o != "ok" and (largest is None or row["lr"] > largest)),
-                     None)
+        above = next((row for row in group if _failed(row["runs"]) and (largest is None or row["lr"] > largest)), None)
         part = "" if adamw_lr is None else f" (AdamW {adamw_lr:g})"
         cells = [*_lead(group[0], varying), f"{group[0]['setting']['clip']:g}",
-                 "; ".join(f"{row['lr']:g}: {outcome}" for row, outcome in outcomes),
+                 "; ".join(f"{row['lr']:g}: {_outcome(row['runs'])}" for row in group),
                  ("none" if largest is None else f"{largest:g}") + part,
-                 "—" if above is None else f"{above[0]['lr']:g}: {above[1]}"]
+                 "—" if above is None else f"{above['lr']:g}: {_outcome(above['runs'])}"]
         lines.append(_row(cells))
     return _table(lines, "Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
                   "ended above its start) or stalled (a task's final held-out NLL not clearly below its prior). "
+                  "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
+                  "while the final training loss lies below its best held-out value. "
                   "Clip 0: no gradient clipping.")
