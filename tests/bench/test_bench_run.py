@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import matplotlib.image
 import numpy as np
@@ -171,3 +172,18 @@ def test_report_takes_the_chosen_optimizers_of_a_folder(reference_run, tmp_path,
     markdown = (tmp_path / "report" / "report.md").read_text()
     optimizers = {line.split(" | ")[3] for line in markdown.splitlines() if line.startswith("| emu3")}
     assert optimizers == {"mlfop"}
+
+
+def test_report_recomputes_flags_from_the_curve_and_references(reference_run, tmp_path):
+    from mlfop.bench.report import load_finals
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run, copy)
+    stored = {r["run"]: r["stalled_gen"] for r in _records(copy) if r["kind"] == "final"}
+    refs = json.loads((copy / "references.json").read_text())
+    assert all(stored.values())  # the tiny run's generation does not leave its prior
+    (copy / "references.json").write_text(json.dumps(refs | {"gen_prior_nll": 100.0}))  # every NLL is below it
+    finals = load_finals([str(copy)])[0]
+    assert not any(f["stalled_gen"] or f["overfit_gen"] for f in finals)
+    assert all(f["best_gen_nll"] == min(r["gen_nll"] for r in f["curve"]) for f in finals)
+    (copy / "references.json").unlink()  # a folder without references keeps its stored flags
+    assert {f["run"]: f["stalled_gen"] for f in load_finals([str(copy)])[0]} == stored

@@ -88,7 +88,8 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float], list[Path]]:
     """The final records of the sources' runs, each with its ``setting``, held-out ``curve`` and
     ``probes``, times to target recomputed for the targets (returned too) and flags recomputed
-    from the curve (runs of older versions gain the newer flags); and the unfinished folders found."""
+    from the curve and the folder's references (runs of older versions gain the newer flags;
+    a folder without references keeps its stored ones); and the unfinished folders found."""
     targets = _targets(sources, targets)
     finals, unfinished = [], []
     for directory, chosen in map(parse_source, sources):
@@ -98,15 +99,16 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
             folder = RunFolder(path)
             config = folder.read_json("config.json")
             records = folder.records()
-            refs = folder.read_json("references.json")
+            refs = folder.read_json("references.json") if (path / "references.json").exists() else None
             for final in (r for r in records if r["kind"] == "final"):
                 if chosen is not None and final["optimizer"] not in chosen:
                     continue
                 mine = [r for r in records if r["run"] == final["run"]]
                 curve = [r for r in mine if r["kind"] == "eval"]
                 stopped = final["divergence"] if final.get("divergence") in ("nonfinite", "exploded") else None
-                finals.append({**final, **time_to_targets(curve, targets, final["batch"]),
-                               **run_flags(curve, refs, stopped, final), "best_gen_nll": lowest(curve, "gen_nll"),
+                flags = {} if refs is None else run_flags(curve, refs, stopped, final)  # else the stored ones
+                finals.append({**final, **time_to_targets(curve, targets, final["batch"]), **flags,
+                               "best_gen_nll": lowest(curve, "gen_nll"),
                                "setting": setting(config, final["optimizer"]), "curve": curve,
                                "probes": [r for r in mine if r["kind"] == "probe"]})
     return finals, targets, unfinished
