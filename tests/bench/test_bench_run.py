@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import mlfop.bench.loop
 from mlfop.bench.cli import main
+from mlfop.bench.report import load_finals
 from mlfop.bench.tokenizers import load_tokenizer
 
 TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--mlp", "64", "--batch", "32", "--micro-batch", "8",
@@ -175,7 +176,6 @@ def test_report_takes_the_chosen_optimizers_of_a_folder(reference_run, tmp_path,
 
 
 def test_report_recomputes_flags_from_the_curve_and_references(reference_run, tmp_path):
-    from mlfop.bench.report import load_finals
     copy = tmp_path / "run"
     shutil.copytree(reference_run, copy)
     stored = {r["run"]: r["stalled_gen"] for r in _records(copy) if r["kind"] == "final"}

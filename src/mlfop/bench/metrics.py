@@ -143,10 +143,8 @@ def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None,
         return last.get(key) is not None and last[key] < refs[prior] - STALL_MARGIN
 
     def overfit(key: str, prior: str, loss: str) -> bool:
-        best = lowest(evals, key)
-        best = math.inf if best is None else best
-        train = _finite_or_none((train_losses or {}).get(loss))
-        return (divergence is None and best < refs[prior] - STALL_MARGIN
+        best, train = lowest(evals, key), _finite_or_none((train_losses or {}).get(loss))
+        return (divergence is None and best is not None and best < refs[prior] - STALL_MARGIN
                 and train is not None and train < best - STALL_MARGIN)
 
     stalled = {"gen": not below_prior("gen_nll", "gen_prior_nll"),

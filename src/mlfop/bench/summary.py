@@ -20,8 +20,9 @@ __all__ = ["setting", "group_label", "aggregate", "most_seeded", "markdown_table
            "stability_table", "claims_table", "COLUMNS", "REFERENCES"]
 
 # (record key, column title, digits)
-COLUMNS = (("gen_nll", "gen NLL", 3), ("best_gen_nll", "best gen NLL", 3), ("und_acc", "und acc", 3), ("und_nll", "und NLL", 3), ("fd", "FD", 0),
-           ("text_nll", "text NLL", 3), ("loss_gen", "train gen", 3), ("loss_und", "train und", 3))
+COLUMNS = (("gen_nll", "gen NLL", 3), ("best_gen_nll", "best gen NLL", 3), ("und_acc", "und acc", 3),
+           ("und_nll", "und NLL", 3), ("fd", "FD", 0), ("text_nll", "text NLL", 3), ("loss_gen", "train gen", 3),
+           ("loss_und", "train und", 3))
 # Config keys that do not change what a run trains (or that the table shows in their own columns).
 _NOT_SETTING = ("seeds", "output", "optimizers", "lrs", "muon_adamw_lrs", "threads", "targets", "eval_every",
                 "samples", "train_samples", "probe_every", "diverge_factor")
