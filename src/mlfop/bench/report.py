@@ -105,7 +105,7 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
                     continue
                 mine = [r for r in records if r["run"] == final["run"]]
                 curve = [r for r in mine if r["kind"] == "eval"]
-                stopped = final["divergence"] if final.get("divergence") in ("nonfinite", "exploded") else None
+                stopped = final["divergence"] if final.get("diverged_step") is not None else None  # the loop's stop
                 flags = {} if refs is None else run_flags(curve, refs, stopped, final)  # else the stored ones
                 finals.append({**final, **time_to_targets(curve, targets, final["batch"]), **flags,
                                "best_gen_nll": lowest(curve, "gen_nll"),
