@@ -70,6 +70,12 @@ def test_a_task_learned_then_lost_while_the_training_loss_falls_is_overfit_not_s
     never = [evals[0], {**evals[-1], "gen_nll": 3.36}]  # never clearly below the prior
     assert run_flags(never, refs, None, {"loss_gen": 0.4})["stalled_gen"]
     assert not run_flags(evals, refs, "exploded", {"loss_gen": 0.4})["overfit_gen"]
+    # understanding just starting to learn at the end of the budget (Janus, batch 1024, AdamW
+    # 0.01: best 0.09 nats below the prior, the last training batch 0.08 below that): a stall
+    starting = [{"step": s, "gen_nll": 2.0, "und_nll": u, "und_acc": 0.15}
+                for s, u in ((0, 3.25), (190, 2.209), (200, 2.262))]
+    late = run_flags(starting, refs, None, {"loss_gen": 1.5, "loss_und": 2.134})
+    assert late["stalled_und"] and not late["overfit_und"]
 
 
 def test_divergence_of_a_step():

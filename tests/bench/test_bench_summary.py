@@ -107,8 +107,12 @@ def test_stability_is_the_largest_rate_no_seed_diverged_or_stalled_at():
     finals += [_final("muon", 0, None, 3.0, lr=0.02, adamw_lr=3e-3, flags=("diverged",))]
     line, muon = _rows(stability_table(aggregate(finals)))
     assert "| 0 | 0.001: ok; 0.003: ok; 0.01: stalled_und 1/2; 0.03: diverged (exploded); 0.1: ok |" in line
-    assert line.endswith("| 0.1 | — |")  # the largest rate that held, even past failures
+    # the edge of the stable range, with a rate that holds again past the failures named
+    assert line.endswith("| 0.003 (holds again at 0.1) | 0.01: stalled_und 1/2 |")
     assert "| none (AdamW 0.003) | 0.02: diverged |" in muon
+    # a lowest rate that stalls was too slow, not unstable: the range starts at the first that held
+    slow = _rows(stability_table(aggregate([{**finals[0], "stalled_gen": True}, *finals[1:6]])))[0]
+    assert slow.endswith("| 0.003 (holds again at 0.1) | 0.01: stalled_und 1/2 |")
     no_high = _rows(stability_table(aggregate(finals[:5])))[0]
     assert no_high.endswith("| 0.003 | 0.01: stalled_und 1/2 |")
 

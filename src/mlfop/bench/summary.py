@@ -316,10 +316,23 @@ def _outcome(runs: list[dict]) -> str:
     return flags if _failed(runs) else "ok" + ("" if flags == "—" else f" ({flags})")
 
 
+def _stable_range(group: list[dict]) -> tuple[float | None, dict | None, list[float]]:
+    """Of one series sorted by rate: the largest rate of the stable range (from the lowest rate
+    that held, up to the first failure above it; lower rates that failed were too slow, not
+    unstable), that first failure (the lowest failing rate when none held), and the rates above
+    it that hold again."""
+    held = [not _failed(row["runs"]) for row in group]
+    if not any(held):
+        return None, group[0], []
+    end = next((i for i in range(held.index(True), len(group)) if not held[i]), len(group))
+    return group[end - 1]["lr"], group[end] if end < len(group) else None, [
+        row["lr"] for row, ok in zip(group[end:], held[end:]) if ok]
+
+
 def stability_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: per optimizer and setting (Muon: and rate of its AdamW part), the outcome of
-    every rate, the largest rate at which no seed diverged or stalled, and the first failing rate
-    above it."""
+    every rate, the largest rate of the stable range (:func:`_stable_range`; rates that hold
+    again past its first failure in brackets), and that first failure."""
     series: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         series[_kind(row), row.get("adamw_lr")].append(row)
@@ -327,16 +340,17 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
     lines = _head(varying, "clip", "outcome per rate", "largest stable rate", "first failure above it")
     for (_, adamw_lr), group in series.items():
         group.sort(key=lambda row: row["lr"])
-        stable = [row for row in group if not _failed(row["runs"])]
-        largest = stable[-1]["lr"] if stable else None
-        above = next((row for row in group if _failed(row["runs"]) and (largest is None or row["lr"] > largest)), None)
+        largest, failure, again = _stable_range(group)
         part = "" if adamw_lr is None else f" (AdamW {adamw_lr:g})"
         cells = [*_lead(group[0], varying), f"{group[0]['setting']['clip']:g}",
                  "; ".join(f"{row['lr']:g}: {_outcome(row['runs'])}" for row in group),
-                 ("none" if largest is None else f"{largest:g}") + part,
-                 "—" if above is None else f"{above['lr']:g}: {_outcome(above['runs'])}"]
+                 ("none" if largest is None else f"{largest:g}") + part
+                 + ("" if not again else f" (holds again at {', '.join(f'{lr:g}' for lr in again)})"),
+                 "—" if failure is None else f"{failure['lr']:g}: {_outcome(failure['runs'])}"]
         lines.append(_row(cells))
-    return _table(lines, "Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
+    return _table(lines, "Largest stable rate: the top of the range of rates that held, from the lowest that held "
+                  "(lower ones were too slow) to the first failure above it (rates that hold again above "
+                  "that failure in brackets). Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
                   "ended above its start) or stalled (a task's final held-out NLL not clearly below its prior). "
                   "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
                   "while the final training loss lies below its best held-out value. "
