@@ -318,9 +318,9 @@ def _outcome(runs: list[dict]) -> str:
 
 def _stable_range(group: list[dict]) -> tuple[float | None, dict | None, list[float]]:
     """Of one series sorted by rate: the largest rate of the stable range (from the lowest rate
-    that held, up to the first failure above it; lower rates that failed were too slow, not
-    unstable), that first failure (the lowest failing rate when none held), and the rates above
-    it that hold again."""
+    that held up to the first failure above it; failures below that range, typically stalls of a
+    rate too small for the budget, show in the outcome column only), that first failure (the
+    lowest failing rate when none held), and the rates above it that hold again."""
     held = [not _failed(row["runs"]) for row in group]
     if not any(held):
         return None, group[0], []
