@@ -349,8 +349,9 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
                  "—" if failure is None else f"{failure['lr']:g}: {_outcome(failure['runs'])}"]
         lines.append(_row(cells))
     return _table(lines, "Largest stable rate: the top of the range of rates that held, from the lowest that held "
-                  "(lower ones were too slow) to the first failure above it (rates that hold again above "
-                  "that failure in brackets). Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
+                  "(failures below it, typically a rate too small for the budget, show in the outcomes only) "
+                  "to the first failure above it (rates that hold again above that failure in brackets). "
+                  "Stable: no seed diverged (a non-finite or exploding training loss, or a held-out loss that "
                   "ended above its start) or stalled (a task's final held-out NLL not clearly below its prior). "
                   "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
                   "while the final training loss lies below its best held-out value. "
