@@ -52,6 +52,7 @@ def test_non_positive_steps(steps, capsys, tmp_path):
     (["--diverge-factor", "0.5"], ("diverge_factor",)),
     (["--lrs", "muon=-1"], ("lrs for muon",)),
     (["--muon-adamw-lrs", "0"], ("muon_adamw_lrs",)),
+    (["--outer-lr", "-1"], ("outer_lr", "[0, inf]")),
     (["--eta-range", "1", "0.5"], ("eta_range", "low <= high")),
     (["--eta-range", "1"], ("eta_range", "two positive")),
     (["--beta-max", "-1"], ("beta_max",)),

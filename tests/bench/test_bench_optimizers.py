@@ -32,6 +32,9 @@ class _Model(torch.nn.Module):
     def trainable_parameters(self):
         return [self.param]
 
+    def hidden_matrices(self):
+        return [self.param] if self.param.dim() == 2 else []
+
 
 def _accumulate(route, param, grads, losses=None):
     for stream, grad in grads:
@@ -154,6 +157,20 @@ def test_muon_gets_the_hidden_matrices_and_adamw_the_rest(name):
     assert (group["lr"], group["adjust_lr_fn"], group["weight_decay"], group["ns_steps"]) == (
         0.02, "match_rms_adamw", 0.05, 3)
     assert adamw.param_groups[0]["lr"] == 4e-3
+
+
+@pytest.mark.parametrize("name", ["adamw", "soap", "mlfop", "upgrad", "famo"])
+def test_outer_lr_gives_the_one_optimizer_contenders_muons_split(name):
+    torch.manual_seed(0)
+    model = build_model("janus", ModelConfig(hidden=16, layers=1, heads=2, mlp=32), codes=8, tokens=64)
+    (optimizer,) = build_contender(name, model, 0.02, RunConfig(outer_lr=4e-3), HALF).optimizers
+    inner, outer = optimizer.param_groups
+    assert [id(p) for p in inner["params"]] == [id(p) for p in model.hidden_matrices()]
+    hidden = {id(p) for p in model.hidden_matrices()}
+    assert [id(p) for p in outer["params"]] == [id(p) for p in model.trainable_parameters() if id(p) not in hidden]
+    assert (inner["lr"], outer["lr"]) == (0.02, 4e-3)
+    (single,) = build_contender(name, model, 0.02, RunConfig(), HALF).optimizers
+    assert len(single.param_groups) == 1 and single.param_groups[0]["lr"] == 0.02
 
 
 def _fop_muon_oracle(gen, und, weights, exp_avg_sq, beta2, eps):

@@ -63,6 +63,8 @@ _HELP = {
     "beta_max": "ML-FOP-SOAP: bound on the correction coefficients |beta| (ablation)",
     "eta_range": "ML-FOP-SOAP: low high bounds of the step scale eta* (1 1: no scaling; ablation)",
     "state_dtype": "SOAP and ML-FOP-SOAP: dtype of the moments, float32 or bfloat16 (factors and bases stay float32)",
+    "outer_lr": "rate of the parameters outside the hidden matrices (embeddings, heads, 1-D, convolutions) for "
+                "the one-optimizer contenders, Muon's split given to them (0: their own rate)",
     "muon_adamw_lrs": "learning rates of Muon's AdamW part (embeddings, heads, 1-D); a sweep axis",
     "muon_adjust_lr": "torch.optim.Muon's adjust_lr_fn: original or match_rms_adamw",
     "muon_weight_decay": "weight decay of Muon's Muon part",

@@ -42,12 +42,14 @@ LOSS_WEIGHTINGS = ("task", "token")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 STATE_DTYPES = ("float32", "bfloat16")  # SOAP's and ML-FOP-SOAP's moments (state_dtype)
 _ADAM_TYPE = ("adamw", "soap", "mlfop", "upgrad", *MUON_BASED, "famo")  # Muon's: its AdamW part
+_SINGLE_OPTIMIZER = tuple(name for name in OPTIMIZERS if name not in MUON_BASED)  # one optimizer on every parameter
 # The config keys that only some optimizers read (everything else shapes every run alike).
 OPTIMIZER_OPTIONS = {
     "betas": _ADAM_TYPE, "weight_decay": _ADAM_TYPE,
     **dict.fromkeys(("levels", "stream_weights", "fold_tokens", "stream_statistics", "noise_shrinkage", "beta_max",
                      "eta_range"), ("mlfop",)),
     "state_dtype": ("soap", "mlfop"),
+    "outer_lr": _SINGLE_OPTIMIZER,
     **dict.fromkeys(("muon_adjust_lr", "muon_weight_decay", "muon_ns_steps"), MUON_BASED),
     **dict.fromkeys(("famo_lr", "famo_weight_decay"), ("famo",)),
 }
@@ -100,6 +102,9 @@ class RunConfig:
     beta_max: float = 1.0  # ML-FOP-SOAP: bound on the correction coefficients
     eta_range: tuple[float, float] = (1.0 / 3.0, 1.0)  # ML-FOP-SOAP: bounds of the step scale eta*
     state_dtype: str = "float32"  # SOAP and ML-FOP-SOAP: dtype of the moments
+    # Muon's split for the others: the rate of the parameters outside the hidden matrices
+    # (embeddings, output heads, 1-D and convolution parameters; 0: the contender's own rate)
+    outer_lr: float = 0.0
     muon_adamw_lrs: tuple[float, ...] = (3e-3,)  # rates of Muon's AdamW part (a sweep axis)
     muon_adjust_lr: str = "original"
     muon_weight_decay: float = 0.1  # torch.optim.Muon's default
@@ -201,6 +206,7 @@ class RunConfig:
                                   ("muon_weight_decay", self.muon_weight_decay, math.inf),
                                   ("famo_lr", self.famo_lr, math.inf),
                                   ("famo_weight_decay", self.famo_weight_decay, math.inf),
+                                  ("outer_lr", self.outer_lr, math.inf),
                                   ("clip", self.clip, math.inf)):
             if not _is_number(value) or not 0.0 <= value <= high or not math.isfinite(value):
                 raise BenchError(f"{name}: a finite number in [0, {high:g}], got {value!r}")

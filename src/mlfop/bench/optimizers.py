@@ -259,36 +259,39 @@ def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, s
     parameters of ``model`` (a :class:`~mlfop.bench.models.TinyModel`).
 
     ``shares``: the objective's weight ``c_k`` of each stream; ``adamw_lr``: the rate of Muon's
-    AdamW part. The Adam-type contenders share ``betas``, ``weight_decay`` (on every parameter)
+    AdamW part. With ``config.outer_lr`` the one-optimizer contenders get Muon's split as two
+    parameter groups: the hidden matrices at ``lr``, the rest at ``outer_lr``. The Adam-type contenders share ``betas``, ``weight_decay`` (on every parameter)
     and ``eps = 1e-8``. ML-FOP-SOAP's head level gets the attention head layouts detected from
     the model.
     """
     params = model.trainable_parameters()
+    hidden = model.hidden_matrices()
+    inner = {id(p) for p in hidden}
+    outer = [p for p in params if id(p) not in inner]
     common = dict(lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay, eps=1e-8)
+    groups = [{"params": hidden}, {"params": outer, "lr": config.outer_lr}] if config.outer_lr else params
     if name == "adamw":
-        return Contender([torch.optim.AdamW(params, **common)], GradientRoute())
+        return Contender([torch.optim.AdamW(groups, **common)], GradientRoute())
     soap_type = dict(common, state_dtype=config.state_dtype)
     if name == "soap":
-        return Contender([mlfop.SOAP(params, **soap_type)], GradientRoute())
+        return Contender([mlfop.SOAP(groups, **soap_type)], GradientRoute())
     if name == "mlfop":
         heads = model.hf if "head" in config.levels else None
-        optimizer = mlfop.MLFOPSOAP(params, streams=config.streams, stream_weights=config.stream_weights,
+        optimizer = mlfop.MLFOPSOAP(groups, streams=config.streams, stream_weights=config.stream_weights,
                                     levels=config.levels, heads=heads, noise_shrinkage=config.noise_shrinkage,
                                     stream_statistics=config.stream_statistics, beta_max=config.beta_max,
                                     eta_range=tuple(config.eta_range), **soap_type)
         return Contender([optimizer], Folding(optimizer, config.fold_tokens or config.loss_weighting == "token"))
     if name in MUON_BASED:
-        hidden = model.hidden_matrices()
-        inner = {id(p) for p in hidden}
         muon = torch.optim.Muon(hidden, lr=lr, weight_decay=config.muon_weight_decay, ns_steps=config.muon_ns_steps,
                                 adjust_lr_fn=config.muon_adjust_lr)
-        rest = torch.optim.AdamW([p for p in params if id(p) not in inner], **{**common, "lr": adamw_lr})
+        rest = torch.optim.AdamW(outer, **{**common, "lr": adamw_lr})
         route = (GradientRoute() if name == "muon" else
                  FOPMuonRoute(params, hidden, config.streams, shares, config.betas[1], common["eps"]))
         return Contender([muon, rest], route)
     if name == "upgrad":
-        return Contender([torch.optim.AdamW(params, **common)], UPGradRoute(params, config.streams))
+        return Contender([torch.optim.AdamW(groups, **common)], UPGradRoute(params, config.streams))
     if name == "famo":
         route = FAMORoute(params, config.streams, shares, config.famo_lr, config.famo_weight_decay)
-        return Contender([torch.optim.AdamW(params, **common)], route)
+        return Contender([torch.optim.AdamW(groups, **common)], route)
     raise ValueError(f"unknown optimizer {name!r}")
