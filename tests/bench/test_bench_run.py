@@ -112,7 +112,7 @@ def test_other_seed_other_metrics(reference_run, tmp_path):
 def test_ctrl_c_says_how_to_resume_and_resume_equals_uninterrupted(killed_at, reference_run, tmp_path, monkeypatch,
                                                                   capsys):
     calls = {"n": 0}
-    real_step = mlfop.bench.loop._step
+    real_step = mlfop.bench.loop.train_step
 
     def killed(*args, **kwargs):
         calls["n"] += 1
@@ -120,14 +120,14 @@ def test_ctrl_c_says_how_to_resume_and_resume_equals_uninterrupted(killed_at, re
             raise KeyboardInterrupt
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(mlfop.bench.loop, "_step", killed)
+    monkeypatch.setattr(mlfop.bench.loop, "train_step", killed)
     with pytest.raises(SystemExit) as stopped:
         main(["run", *RESUME, "--output", str(tmp_path / "run")])
     assert stopped.value.code == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"mlfop-bench: interrupted; {tmp_path / 'run.partial'} is resumable: "
         f"mlfop-bench run --resume --output {tmp_path / 'run'}")
-    monkeypatch.setattr(mlfop.bench.loop, "_step", real_step)
+    monkeypatch.setattr(mlfop.bench.loop, "train_step", real_step)
     assert not (tmp_path / "run").exists() and (tmp_path / "run.partial" / "metrics.jsonl").is_file()
     assert main(["run", "--resume", "--output", str(tmp_path / "run")]) == 0
     assert _without_timing(_records(tmp_path / "run")) == _without_timing(_records(reference_run))

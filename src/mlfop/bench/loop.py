@@ -33,7 +33,7 @@ from mlfop.bench.objective import StepPlan, stream_nll
 from mlfop.bench.optimizers import Contender, build_contender
 from mlfop.bench.runfolder import RunFolder, kill_point
 
-__all__ = ["RunSpec", "train", "lr_factor", "divergence"]
+__all__ = ["RunSpec", "start", "train", "train_step", "lr_factor", "divergence"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,22 @@ def divergence(losses: dict[str, float], first: dict[str, float], factor: float)
     return None
 
 
-def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, refs: dict[str, float],
-          folder: RunFolder, resume: bool) -> dict[str, Any]:
-    """Train one run (or finish it from its checkpoint) and return its final record."""
+def start(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan
+          ) -> tuple[TinyModel, Contender, list[LambdaLR]]:
+    """The run's freshly initialised model (seeded by ``spec.seed``), its contender and their
+    warm-up + cosine schedules."""
     torch.manual_seed(spec.seed)
     model = build_model(config.model, config.model_config, data.tokenizer.codes, data.tokenizer.tokens)
     contender = build_contender(spec.optimizer, model, spec.lr, config, plan.shares, spec.adamw_lr)
     warmup = max(1, round(config.warmup_fraction * config.steps))
     schedule = partial(lr_factor, warmup=warmup, steps=config.steps, floor=config.min_lr_fraction)
-    schedulers = [LambdaLR(optimizer, schedule) for optimizer in contender.optimizers]
+    return model, contender, [LambdaLR(optimizer, schedule) for optimizer in contender.optimizers]
+
+
+def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, refs: dict[str, float],
+          folder: RunFolder, resume: bool) -> dict[str, Any]:
+    """Train one run (or finish it from its checkpoint) and return its final record."""
+    model, contender, schedulers = start(spec, config, data, plan)
     probe = StreamProbe([(n, p) for n, p in model.named_parameters() if p.requires_grad], plan.shares)
     state = folder.load_checkpoint(spec.name) if resume else None
     progress = _restore(state, model, contender, schedulers) if state is not None else {
@@ -95,7 +102,7 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
         while step < config.steps and progress["stopped"] is None:
             probed = config.probe_every > 0 and (step == 0 or (step + 1) % config.probe_every == 0)
             started, cpu_started = time.perf_counter(), time.process_time()
-            losses, diagnostics = _step(model, data, plan, contender, spec.seed, step, config.clip,
+            losses, diagnostics = train_step(model, data, plan, contender, spec.seed, step, config.clip,
                                         probe if probed else None)
             lr = schedulers[0].get_last_lr()[0]
             for scheduler in schedulers:
@@ -143,7 +150,7 @@ def _restore(state: dict[str, Any], model: TinyModel, contender: Contender, sche
     return state["progress"]
 
 
-def _step(model: TinyModel, data: DigitsData, plan: StepPlan, contender: Contender, seed: int, step: int,
+def train_step(model: TinyModel, data: DigitsData, plan: StepPlan, contender: Contender, seed: int, step: int,
           clip: float, probe: StreamProbe | None) -> tuple[dict[str, float], dict[str, float]]:
     """One optimizer step over the planned micro-batches; mean train NLL per token of each stream."""
     route, params = contender.route, model.trainable_parameters()

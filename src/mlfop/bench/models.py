@@ -4,7 +4,8 @@ Both expose, for a :class:`~mlfop.bench.data.Batch`:
 
 - :meth:`TinyModel.gen_logits`: teacher-forced logits over the model's image-code softmax and
   the targets (Emu3: the one shared vocabulary; Janus: its generation head's ``K`` codes);
-- :meth:`TinyModel.und_logits`: full-vocabulary logits at the understanding answer position;
+- :meth:`TinyModel.und_logits`: full-vocabulary logits at the understanding answer position
+  (:meth:`TinyModel.und_states`: the hidden state there after the embedding and each trunk layer);
 - :meth:`TinyModel.text_logits`: next-token logits of the text-only sentences;
 - :meth:`TinyModel.sample`: class-conditional image codes, sampled with a KV cache.
 """
@@ -77,8 +78,17 @@ class TinyModel(nn.Module):
     def gen_logits(self, batch: Batch) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def und_logits(self, batch: Batch) -> Tensor:
+    def und_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """Keyword inputs of ``self.hf`` for the understanding sequences up to the answer."""
         raise NotImplementedError
+
+    def und_logits(self, batch: Batch) -> Tensor:
+        return self.hf(**self.und_inputs(batch)).logits[:, -1]
+
+    def und_states(self, batch: Batch) -> list[Tensor]:
+        """``(n, hidden)`` states at the position that predicts the answer: the input embedding,
+        then the output of each trunk layer."""
+        return [h[:, -1] for h in self.hf(**self.und_inputs(batch), output_hidden_states=True).hidden_states]
 
     def text_logits(self, ids: Tensor) -> Tensor:
         """Logits predicting tokens ``1..L-1`` of text-only sentences ``ids``."""
@@ -124,9 +134,9 @@ class TinyEmu3(TinyModel):
         start = vocab.PROMPT_LENGTH - 1
         return self.hf(input_ids=ids).logits[:, start : start + self.tokens], targets
 
-    def und_logits(self, batch: Batch) -> Tensor:
+    def und_inputs(self, batch: Batch) -> dict[str, Tensor]:
         ids, answer = vocab.und_ids(batch.codes + self.offset, batch.labels)
-        return self.hf(input_ids=ids[:, :answer]).logits[:, -1]
+        return {"input_ids": ids[:, :answer]}
 
     def _trunk(self, embeds: Tensor, cache):
         out = self.hf.model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
@@ -172,11 +182,10 @@ class TinyJanus(TinyModel):
         start = vocab.PROMPT_LENGTH - 1
         return self.hf.model.generation_head(hidden[:, start : start + self.tokens]), batch.codes
 
-    def und_logits(self, batch: Batch) -> Tensor:
+    def und_inputs(self, batch: Batch) -> dict[str, Tensor]:
         placeholders = torch.full((len(batch), 16), vocab.ID["<image>"])
         ids, answer = vocab.und_ids(placeholders, batch.labels)
-        pixels = (batch.pixels / 8.0 - 1.0)[:, None].expand(-1, 3, -1, -1)
-        return self.hf(input_ids=ids[:, :answer], pixel_values=pixels).logits[:, -1]
+        return {"input_ids": ids[:, :answer], "pixel_values": (batch.pixels / 8.0 - 1.0)[:, None].expand(-1, 3, -1, -1)}
 
     def _trunk(self, embeds: Tensor, cache):
         out = self.hf.model.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
