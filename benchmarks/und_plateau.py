@@ -1,4 +1,4 @@
-"""Where an understanding plateau sits: replay the first steps of finished study runs and watch
+r"""Where an understanding plateau sits: replay the first steps of finished study runs and watch
 what the model knows about the digit, and how large each step is, as training leaves (or does
 not leave) the answer prior.
 
@@ -12,14 +12,17 @@ schedule; the replayed train losses equal the folder's own) and, every ``--every
   image positions' input embeddings (``image``: Janus' aligned vision features, Emu3's code
   embeddings), as the between-class share of variance
 
-  .. math:: \\eta^2(X) = \\frac{\\sum_j \\mathrm{Var}_c(\\mathbb{E}[X_j \\mid c])}{\\sum_j \\mathrm{Var}(X_j)}
+  .. math:: \eta^2(X) = \frac{\sum_j \mathrm{Var}_c(\mathbb{E}[X_j \mid c])}{\sum_j \mathrm{Var}(X_j)}
 
-  (0: the state ignores the digit; 1: it is a function of the digit alone);
+  (0: the state ignores the digit; 1: it is a function of the digit alone), and beside it
+  ``spread``, the state's variance over images relative to its mean square,
+  :math:`\sum_j \mathrm{Var}(X_j) / \mathbb{E}\lVert X \rVert^2` (near 0: the state hardly
+  depends on the image at all, and :math:`\eta^2` measures rounding);
 - ``step``: the mean relative spectral size of the last update,
-  :math:`\\lVert \\Delta W \\rVert_2 / \\lVert W \\rVert_2`, over the hidden matrices of each part
+  :math:`\lVert \Delta W \rVert_2 / \lVert W \rVert_2`, over the hidden matrices of each part
   of the model (vision tower, aligners, trunk attention, trunk MLP).
 
-    OMP_NUM_THREADS=1 python benchmarks/und_plateau.py study/janus-b1024/mlfop/lr0.1-s0 \\
+    OMP_NUM_THREADS=1 python benchmarks/und_plateau.py study/janus-b1024/mlfop/lr0.1-s0 \
         study/janus-b1024/muon/lr0.05-adamw0.003-s0 --steps 50 --every 5 --output plateau.jsonl
 """
 
@@ -46,7 +49,7 @@ PARTS = (("vision", "vision_model"), ("aligner", "aligner"), ("attention", "self
 
 
 def class_info(states: Tensor, labels: Tensor) -> float:
-    """:math:`\\eta^2`: the between-class share of the total variance of ``states`` ``(n, d)``."""
+    r""":math:`\eta^2`: the between-class share of the total variance of ``states`` ``(n, d)``."""
     centred = states - states.mean(0)
     means = torch.stack([centred[labels == c].mean(0) for c in labels.unique()])
     weights = torch.bincount(labels)[labels.unique()].to(states.dtype) / len(labels)
@@ -54,9 +57,15 @@ def class_info(states: Tensor, labels: Tensor) -> float:
     return float(between / centred.square().mean(0).sum().clamp_min(1e-30))
 
 
+def spread(states: Tensor) -> float:
+    """The variance of ``states`` ``(n, d)`` over its rows relative to their mean square."""
+    return float(states.var(0, unbiased=False).sum() / states.square().sum(1).mean().clamp_min(1e-30))
+
+
 @torch.no_grad()
 def probe(model: TinyModel, data: DigitsData) -> dict[str, float]:
-    """``class_info`` of the image inputs and of the answer-predicting state after each layer."""
+    """``class_info`` and ``spread`` of the image inputs and of the answer-predicting state after
+    each layer."""
     test = data.test
     inputs = model.und_inputs(test)
     embeddings = model.hf.get_input_embeddings()
@@ -65,10 +74,11 @@ def probe(model: TinyModel, data: DigitsData) -> dict[str, float]:
         image = tower.aligner(tower.vision_model(inputs["pixel_values"]).last_hidden_state)
     else:
         image = embeddings(inputs["input_ids"][:, 2 : 2 + model.tokens])
-    info = {"image": class_info(image.flatten(1), test.labels)}
+    states = {"image": image.flatten(1)}
     for layer, state in enumerate(model.und_states(test)[1:], start=1):  # [0]: a fixed word's embedding
-        info[f"L{layer}"] = class_info(state, test.labels)
-    return info
+        states[f"L{layer}"] = state
+    return {**{name: class_info(x, test.labels) for name, x in states.items()},
+            **{f"spread_{name}": spread(x) for name, x in states.items()}}
 
 
 def part_of(name: str) -> str | None:

@@ -31,6 +31,8 @@ def test_class_info_is_the_between_class_share_of_variance(plateau):
     assert plateau.class_info(noise, labels) < 0.05
     # equal parts of between and within variance: about one half
     assert plateau.class_info(centres[labels] / centres.std() + noise, labels) == pytest.approx(0.5, abs=0.15)
+    assert plateau.spread(torch.ones(400, 6) * 3 + 1e-4 * noise) < 1e-8
+    assert plateau.spread(noise) == pytest.approx(1.0, abs=0.01)
 
 
 @pytest.mark.parametrize("model", ["janus", "emu3"])
@@ -48,4 +50,4 @@ def test_replay_retraces_the_run_and_probes_every_part(plateau, model, tmp_path)
                                                              trained[record["step"]]["loss_und"])
         parts = {"step_attention", "step_mlp"} | ({"step_vision", "step_aligner"} if model == "janus" else set())
         assert parts <= record.keys() and all(record[k] > 0 for k in parts)
-        assert all(0 <= record[k] <= 1 + 1e-6 for k in ("image", "L1", "L2"))
+        assert all(0 <= record[k] <= 1 + 1e-6 for k in ("image", "L1", "L2", "spread_image", "spread_L1", "spread_L2"))
