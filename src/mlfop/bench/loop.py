@@ -103,7 +103,7 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
             probed = config.probe_every > 0 and (step == 0 or (step + 1) % config.probe_every == 0)
             started, cpu_started = time.perf_counter(), time.process_time()
             losses, diagnostics = train_step(model, data, plan, contender, spec.seed, step, config.clip,
-                                        probe if probed else None)
+                                             probe if probed else None)
             lr = schedulers[0].get_last_lr()[0]
             for scheduler in schedulers:
                 scheduler.step()
@@ -151,7 +151,7 @@ def _restore(state: dict[str, Any], model: TinyModel, contender: Contender, sche
 
 
 def train_step(model: TinyModel, data: DigitsData, plan: StepPlan, contender: Contender, seed: int, step: int,
-          clip: float, probe: StreamProbe | None) -> tuple[dict[str, float], dict[str, float]]:
+               clip: float, probe: StreamProbe | None) -> tuple[dict[str, float], dict[str, float]]:
     """One optimizer step over the planned micro-batches; mean train NLL per token of each stream."""
     route, params = contender.route, model.trainable_parameters()
     sums = dict.fromkeys(plan.scales, 0.0)

@@ -260,9 +260,9 @@ def build_contender(name: str, model: nn.Module, lr: float, config: RunConfig, s
 
     ``shares``: the objective's weight ``c_k`` of each stream; ``adamw_lr``: the rate of Muon's
     AdamW part. With ``config.outer_lr`` the one-optimizer contenders get Muon's split as two
-    parameter groups: the hidden matrices at ``lr``, the rest at ``outer_lr``. The Adam-type contenders share ``betas``, ``weight_decay`` (on every parameter)
-    and ``eps = 1e-8``. ML-FOP-SOAP's head level gets the attention head layouts detected from
-    the model.
+    parameter groups: the hidden matrices at ``lr``, the rest at ``outer_lr``. The Adam-type
+    contenders share ``betas``, ``weight_decay`` (on every parameter) and ``eps = 1e-8``.
+    ML-FOP-SOAP's head level gets the attention head layouts detected from the model.
     """
     params = model.trainable_parameters()
     hidden = model.hidden_matrices()
