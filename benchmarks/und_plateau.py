@@ -36,11 +36,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mlfop.bench.config import RunConfig, coerce_config
+from mlfop.bench.config import saved_config
 from mlfop.bench.data import DigitsData, load_split
 from mlfop.bench.loop import start, train_step
 from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import make_plan
+from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.runner import run_specs
 from mlfop.bench.tokenizers import load_tokenizer
 
@@ -87,9 +88,7 @@ def part_of(name: str) -> str | None:
 
 def replay(folder: Path, steps: int, every: int) -> list[dict]:
     """Rebuild the run of ``folder`` and record :func:`probe` and the relative step sizes."""
-    values = json.loads((folder / "config.json").read_text())
-    values.pop("train_samples")  # its steps are already in "steps"
-    config = RunConfig(**coerce_config(values, str(folder / "config.json"))).validate()
+    config = saved_config(RunFolder(folder).read_json("config.json"))
     torch.set_num_threads(config.threads)
     train_split, test_split = load_split()
     tokenizer = load_tokenizer(folder / "tokenizer.npz")

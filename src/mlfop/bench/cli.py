@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError, RunConfig, config_from, load_config_file
+from mlfop.bench.config import (METRICS, OPTIMIZERS, BenchError, RunConfig, config_from, load_config_file,
+                                saved_config)
 from mlfop.bench.report import check_report_input, write_report
 from mlfop.bench.runfolder import RunFolder, check_output, partial_path
 from mlfop.bench.runner import run_benchmark
@@ -147,9 +148,8 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
                              f"that run's config{', got ' + ', '.join(extra) if extra else ''}")
         check_output(Path(flags["output"]), resume=True)
         saved = RunFolder(partial_path(Path(flags["output"]))).read_json("config.json")
-        values = {k: _from_json(v) for k, v in saved.items()}
-        values["output"] = flags["output"]  # the same folder, possibly named from another directory
-        return RunConfig(**values).validate()
+        # the same folder, possibly named from another directory
+        return saved_config(saved, output=flags["output"])
     values = load_config_file(args.config) if args.config else {}
     values.update(flags)
     config = config_from(values)
@@ -158,15 +158,6 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
     config.validate()
     check_output(Path(config.output), resume=False)
     return config
-
-
-def _from_json(value: Any) -> Any:
-    """JSON lists back to tuples (and inside the lrs table)."""
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, dict):
-        return {k: _from_json(v) for k, v in value.items()}
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

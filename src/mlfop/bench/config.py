@@ -25,7 +25,7 @@ from mlfop.bench.tokenizers import TOKENIZERS
 
 __all__ = ["BenchError", "RunConfig", "SAVED_DEFAULTS", "OPTIMIZERS", "DEFAULT_LRS", "METRICS", "STREAMS", "LEVELS",
            "STREAM_WEIGHTS", "LOSS_WEIGHTINGS", "MUON_ADJUST_LR", "MUON_BASED", "OPTIMIZER_OPTIONS", "read_table",
-           "coerce_config", "config_from", "load_config_file"]
+           "saved_config", "coerce_config", "config_from", "load_config_file"]
 
 OPTIMIZERS = ("adamw", "soap", "mlfop", "upgrad", "muon", "famo", "fop-muon")
 MUON_BASED = ("muon", "fop-muon")  # torch.optim.Muon on the hidden matrices, AdamW at its own rate on the rest
@@ -275,6 +275,22 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
 # Every default as a run folder's config.json holds it (lists for tuples): what a folder written
 # before a key existed ran with.
 SAVED_DEFAULTS: dict[str, Any] = json.loads(json.dumps(RunConfig().to_dict()))
+
+
+def saved_config(saved: dict[str, Any], **overrides: Any) -> RunConfig:
+    """The validated RunConfig of a run folder's ``config.json`` (``saved``, its JSON lists
+    back to tuples), with ``overrides`` applied first."""
+    values = {k: _from_json(v) for k, v in saved.items()}
+    return RunConfig(**{**values, **overrides}).validate()
+
+
+def _from_json(value: Any) -> Any:
+    """JSON lists back to tuples (and inside the lrs table)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value
 
 
 def read_table(path: str, what: str = "config file") -> dict[str, Any]:
