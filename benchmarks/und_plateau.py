@@ -44,6 +44,7 @@ from mlfop.bench.objective import make_plan
 from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.runner import run_specs
 from mlfop.bench.tokenizers import load_tokenizer
+from mlfop.bench.vocab import und_image_positions
 
 # Parts of the model by parameter-name fragment, first match wins; hidden matrices only.
 PARTS = (("vision", "vision_model"), ("aligner", "aligner"), ("attention", "self_attn"), ("mlp", ".mlp."))
@@ -68,16 +69,10 @@ def probe(model: TinyModel, data: DigitsData) -> dict[str, float]:
     """``class_info`` and ``spread`` of the image inputs and of the answer-predicting state after
     each layer."""
     test = data.test
-    inputs = model.und_inputs(test)
-    embeddings = model.hf.get_input_embeddings()
-    if "pixel_values" in inputs:
-        tower = model.hf.model
-        image = tower.aligner(tower.vision_model(inputs["pixel_values"]).last_hidden_state)
-    else:
-        image = embeddings(inputs["input_ids"][:, 2 : 2 + model.tokens])
-    states = {"image": image.flatten(1)}
-    for layer, state in enumerate(model.und_states(test)[1:], start=1):  # [0]: a fixed word's embedding
-        states[f"L{layer}"] = state
+    hidden = model.und_hidden_states(test)
+    states = {"image": hidden[0][:, und_image_positions(hidden[0].shape[1])].flatten(1)}
+    for layer, state in enumerate(hidden[1:], start=1):  # at the position that predicts the answer
+        states[f"L{layer}"] = state[:, -1]
     return {**{name: class_info(x, test.labels) for name, x in states.items()},
             **{f"spread_{name}": spread(x) for name, x in states.items()}}
 

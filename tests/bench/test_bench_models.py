@@ -71,3 +71,23 @@ def test_understanding_loss_is_answer_cross_entropy(batch):
     logits = model.hf(input_ids=ids).logits[:, answer - 1]
     expected = F.cross_entropy(logits, ids[:, answer], reduction="sum")
     assert torch.allclose(stream_nll(model, "und", batch), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["emu3", "janus"])
+@torch.no_grad()
+def test_und_hidden_states_hold_the_image_embeddings_at_the_image_positions(name, batch):
+    model, config = _model(name), ModelConfig()
+    inputs = model.und_inputs(batch)
+    answer = inputs["input_ids"].shape[1]
+    image_ids = inputs["input_ids"][:, vocab.und_image_positions(answer)]
+    if name == "janus":  # the vision tower and aligner's features, scattered into the placeholders
+        assert torch.equal(image_ids, torch.full((len(batch), 16), vocab.ID["<image>"]))
+        tower = model.hf.model
+        image = tower.aligner(tower.vision_model(inputs["pixel_values"]).last_hidden_state)
+    else:
+        assert torch.equal(image_ids, batch.codes + model.offset)
+        image = model.hf.get_input_embeddings()(image_ids)
+    hidden = model.und_hidden_states(batch)
+    assert len(hidden) == 1 + config.layers
+    assert all(h.shape == (len(batch), answer, config.hidden) for h in hidden)
+    torch.testing.assert_close(hidden[0][:, vocab.und_image_positions(answer)], image)

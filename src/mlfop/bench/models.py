@@ -5,7 +5,8 @@ Both expose, for a :class:`~mlfop.bench.data.Batch`:
 - :meth:`TinyModel.gen_logits`: teacher-forced logits over the model's image-code softmax and
   the targets (Emu3: the one shared vocabulary; Janus: its generation head's ``K`` codes);
 - :meth:`TinyModel.und_logits`: full-vocabulary logits at the understanding answer position
-  (:meth:`TinyModel.und_states`: the hidden state there after the embedding and each trunk layer);
+  (:meth:`TinyModel.und_hidden_states`: the sequences' hidden states after the embedding and each
+  trunk layer);
 - :meth:`TinyModel.text_logits`: next-token logits of the text-only sentences;
 - :meth:`TinyModel.sample`: class-conditional image codes, sampled with a KV cache.
 """
@@ -85,10 +86,11 @@ class TinyModel(nn.Module):
     def und_logits(self, batch: Batch) -> Tensor:
         return self.hf(**self.und_inputs(batch)).logits[:, -1]
 
-    def und_states(self, batch: Batch) -> list[Tensor]:
-        """``(n, hidden)`` states at the position that predicts the answer: the input embedding,
-        then the output of each trunk layer."""
-        return [h[:, -1] for h in self.hf(**self.und_inputs(batch), output_hidden_states=True).hidden_states]
+    def und_hidden_states(self, batch: Batch) -> tuple[Tensor, ...]:
+        """``(n, answer, hidden)`` states of the understanding sequences up to the answer: the
+        trunk's input embeddings (at the image positions Emu3's code embeddings, Janus' aligned
+        vision features), then the output of each trunk layer."""
+        return self.hf(**self.und_inputs(batch), output_hidden_states=True).hidden_states
 
     def text_logits(self, ids: Tensor) -> Tensor:
         """Logits predicting tokens ``1..L-1`` of text-only sentences ``ids``."""

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["WORDS", "DIGITS", "ID", "PROMPT_LENGTH", "QUESTION", "digit_ids", "gen_prompt", "und_ids", "text_ids",
+__all__ = ["WORDS", "DIGITS", "ID", "PROMPT_LENGTH", "QUESTION", "digit_ids", "gen_prompt", "und_ids",
+           "und_image_positions", "text_ids",
            "TEXT_LOSS_TOKENS"]
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -28,6 +29,7 @@ QUESTION = ("what", "digit", "is", "this", "?", "it", "is")
 PROMPT_LENGTH = 5  # <bos> draw a dK <boi>
 TEXT_LOSS_TOKENS = 6  # a plus b is c <eos>
 _DIGIT_IDS = torch.tensor([ID[d] for d in DIGITS])
+_UND_HEAD = (ID["<bos>"], ID["<boi>"])  # what precedes the image in an understanding sequence
 
 
 def digit_ids() -> torch.Tensor:
@@ -45,10 +47,15 @@ def gen_prompt(labels: torch.Tensor) -> torch.Tensor:
 def und_ids(image: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Understanding sequences around ``image`` ids ``(n, T)`` and the answer's position."""
     n = len(labels)
-    head = torch.tensor([ID["<bos>"], ID["<boi>"]]).repeat(n, 1)
+    head = torch.tensor(_UND_HEAD).repeat(n, 1)
     tail = torch.tensor([ID["<eoi>"], *(ID[w] for w in QUESTION)]).repeat(n, 1)
     ids = torch.cat([head, image, tail, _DIGIT_IDS[labels][:, None], torch.full((n, 1), ID["<eos>"])], 1)
     return ids, ids.shape[1] - 2
+
+
+def und_image_positions(answer: int) -> slice:
+    """The image's positions in understanding sequences whose answer sits at ``answer``."""
+    return slice(len(_UND_HEAD), answer - 1 - len(QUESTION))  # <eoi> and the question follow it
 
 
 def text_ids(pairs: torch.Tensor) -> torch.Tensor:
