@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["WORDS", "DIGITS", "ID", "PROMPT_LENGTH", "QUESTION", "digit_ids", "gen_prompt", "und_ids",
-           "und_image_positions", "text_ids",
-           "TEXT_LOSS_TOKENS"]
+           "und_image_positions", "text_ids", "TEXT_LOSS_TOKENS"]
 
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 WORDS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<image>", "draw", "a") + DIGITS + (
