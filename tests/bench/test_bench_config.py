@@ -51,6 +51,10 @@ def test_flags(tmp_path):
     assert (config.beta_max, config.eta_range) == (0.5, (1.0, 1.0))
 
 
+def test_levels_flag_without_a_value_turns_every_level_off(tmp_path):
+    assert _config(tmp_path, "--optimizers", "mlfop", "--levels").levels == ()
+
+
 @pytest.mark.parametrize("batch, micro, text, mix, expected", [
     (1024, 64, False, (1, 1, 1), {"gen": 8, "und": 8}),
     (1024, 64, True, (1, 1, 1), {"gen": 6, "und": 5, "text": 5}),

@@ -54,7 +54,8 @@ _HELP = {
     "probe_every": "steps between per-layer gen/und gradient heterogeneity probes (0: none)",
     "betas": "beta1 beta2 of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
     "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
-    "levels": "ML-FOP-SOAP levels, any of global layer head (ablation)",
+    "levels": "ML-FOP-SOAP levels, any of global layer head (ablation; none: SOAP on the summed gradient with the "
+              "streams' curvature statistics)",
     "stream_weights": "ML-FOP-SOAP stream weights: tokens, fixed or balanced",
     "fold_tokens": "ML-FOP-SOAP: pass loss-token counts to fold() even when the objective weights streams "
                    "by micro-batches (then a stream's folded gradient is no longer grad L_k)",
@@ -121,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
         elif isinstance(default, bool):
             options.update(action=argparse.BooleanOptionalAction)
         elif isinstance(default, tuple):
-            options.update(nargs="+", type=type(default[0]))
+            options.update(nargs="*" if field.name == "levels" else "+", type=type(default[0]))
         else:
             options.update(type=type(default))
         run.add_argument(flag, dest=field.name, **options)
