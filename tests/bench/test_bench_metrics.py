@@ -7,7 +7,7 @@ from scipy import linalg
 
 from mlfop.bench.data import DigitsData, load_split
 from mlfop.bench.loop import divergence
-from mlfop.bench.metrics import frechet_distance, references, run_flags, time_to_targets
+from mlfop.bench.metrics import frechet_distance, peak_loss_ratio, references, run_flags, time_to_targets
 from mlfop.bench.tokenizers import Pix8
 
 
@@ -84,3 +84,14 @@ def test_divergence_of_a_step():
     assert divergence({"loss_gen": 8.1, "loss_und": 1.0}, first, factor=2.0) == "exploded"
     assert divergence({"loss_gen": 80.0, "loss_und": 1.0}, first, factor=0) is None
     assert divergence({"loss_gen": math.nan, "loss_und": 1.0}, first, factor=0) == "nonfinite"
+
+
+def test_peak_loss_ratio_is_the_worst_spike_of_any_stream_over_its_first_loss():
+    trains = [{"step": 1, "loss_gen": 4.0, "loss_und": 3.0, "grad_norm": 9.0},
+              {"step": 2, "loss_gen": 6.0, "loss_und": 2.0, "grad_norm": 90.0},
+              {"step": 3, "loss_gen": 3.0, "loss_und": 5.1},
+              {"step": 4, "loss_gen": math.nan, "loss_und": 1.0}]
+    assert peak_loss_ratio(trains) == 5.1 / 3.0  # understanding's spike; gradient norms are not losses
+    assert peak_loss_ratio(trains[:1]) == 1.0
+    assert peak_loss_ratio([]) is None
+    assert peak_loss_ratio([{"step": 1, "loss_gen": math.inf}]) is None

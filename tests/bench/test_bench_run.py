@@ -149,6 +149,7 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
     assert " | 2 | " in rows["adamw"] and " ± " in rows["adamw"]
     assert " | 1 | " in rows["mlfop"] and " ± " not in rows["mlfop"]
     assert "## Seeds at the chosen rates" in markdown and "## Stability" in markdown
+    assert " (peak ×" in markdown.split("## Stability")[1].split("## ")[0]  # from the runs' training records
     assert matplotlib.image.imread(tmp_path / "report" / "curves-emu3-32.png").ndim == 3
     probes = [r for r in _records(reference_run) if r["kind"] == "probe"]
     assert [r["step"] for r in probes if r["run"].startswith("adamw")] == [1, 4, 8]

@@ -142,3 +142,12 @@ def test_claims_compare_each_row_with_the_best_adamw_and_muon_of_its_setting():
     # one seed short of the target: no samples ratio; accuracy of one seed only: no difference
     assert mlfop.endswith("| 0.01 | 2 | — | — | 0.60 | — | -0.350 | — | — | 0.75 | — | -0.200 |")
     assert soap.endswith("| soap | 0.01 | 1 | — | — | 0.25 | +0.100 | -0.500 |" + " — |" * 5)
+
+
+def test_stability_outcomes_give_each_seeds_peak_training_loss_in_seed_order():
+    finals = [_final("adamw", 1, None, 3.0, lr=1e-1, clip=0.0, flags=("diverged",)),
+              _final("adamw", 0, 40, 3.0, lr=1e-1, clip=0.0), _final("adamw", 0, 40, 3.0, lr=1e-2, clip=0.0)]
+    finals[0] |= {"divergence": "exploded", "peak_loss_ratio": 2.345}
+    finals[1]["peak_loss_ratio"] = 1.5
+    line = _rows(stability_table(aggregate(finals)))[0]
+    assert "| 0.01: ok; 0.1: diverged (exploded) 1/2 (peak ×1.50, 2.35) |" in line  # none known: nothing

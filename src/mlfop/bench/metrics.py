@@ -27,7 +27,7 @@ from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
 
 __all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
-           "run_flags", "lowest", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
+           "run_flags", "lowest", "peak_loss_ratio", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
 
 STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is not this far below its prior may be stalled
 STALL_ACCURACY = 0.2  # understanding must also be at most this accurate (chance is 0.1) to be stalled
@@ -159,6 +159,17 @@ def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None,
     return {"diverged": divergence is not None, "divergence": divergence,
             **{f"stalled_{task}": stalled[task] and not overfits[task] for task in stalled},
             **{f"overfit_{task}": overfits[task] for task in stalled}}
+
+
+def peak_loss_ratio(trains: list[dict]) -> float | None:
+    """:math:`\\max_{t,k} L_k(t) / L_k(1)` over a run's training records: its worst loss spike
+    against each stream's first loss, the quantity the loop's ``diverge_factor`` stops on (a run
+    stopped as exploded has a peak above the factor; one that held shows how close it came).
+    None without finite training losses."""
+    first = trains[0] if trains else {}
+    ratios = [v / first[k] for r in trains for k in first if k.startswith("loss_") and first[k] > 0
+              for v in [r.get(k)] if isinstance(v, (int, float)) and math.isfinite(v)]
+    return max(ratios, default=None)
 
 
 def lowest(evals: list[dict], key: str) -> float | None:

@@ -5,7 +5,8 @@ A ``DIR`` is a run folder or a folder holding run folders at any depth (a study'
 (``report.md``) holds the sweep table (every optimizer at every rate), the best rate of each
 sweep, the seed table (the rates with the most seeds, when more than one), the claims table
 (those rows against the best AdamW and Muon rows: ratios of samples, CPU seconds and Fréchet
-distance, differences of accuracy and gen NLL), the stability table, held-out curves per model
+distance, differences of accuracy and gen NLL), the stability table (with each seed's peak
+training loss over its first), held-out curves per model
 and batch, and per-layer heterogeneity figures for the runs with probe records
 (``--probe-every``). Times to target are computed from each run's held-out
 curve, for the targets the runs were given or for ``--targets``.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError
-from mlfop.bench.metrics import lowest, run_flags, time_to_targets
+from mlfop.bench.metrics import lowest, peak_loss_ratio, run_flags, time_to_targets
 from mlfop.bench.plots import plot_aggregate, plot_heterogeneity
 from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.summary import (aggregate, best_rate_table, claims_table, group_label, markdown_table, most_seeded,
@@ -109,6 +110,7 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
                 flags = {} if refs is None else run_flags(curve, refs, stopped, final)  # else the stored ones
                 finals.append({**final, **time_to_targets(curve, targets, final["batch"]), **flags,
                                "best_gen_nll": lowest(curve, "gen_nll"),
+                               "peak_loss_ratio": peak_loss_ratio([r for r in mine if r["kind"] == "train"]),
                                "setting": setting(config, final["optimizer"]), "curve": curve,
                                "probes": [r for r in mine if r["kind"] == "probe"]})
     return finals, targets, unfinished

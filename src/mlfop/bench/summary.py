@@ -316,6 +316,14 @@ def _outcome(runs: list[dict]) -> str:
     return flags if _failed(runs) else "ok" + ("" if flags == "—" else f" ({flags})")
 
 
+def _peaks(runs: list[dict]) -> str:
+    """The seeds' peak training loss over the first (:func:`mlfop.bench.metrics.peak_loss_ratio`),
+    in seed order: how close each came to the divergence stop line."""
+    peaks = [r.get("peak_loss_ratio") for r in sorted(runs, key=lambda r: r["seed"])]
+    return "" if all(p is None for p in peaks) else " (peak ×" + ", ".join(
+        "—" if p is None else f"{p:.2f}" for p in peaks) + ")"
+
+
 def _stable_range(group: list[dict]) -> tuple[float | None, dict | None, list[float]]:
     """Of one series sorted by rate: the largest rate of the stable range (from the lowest rate
     that held up to the first failure above it; failures below that range, typically stalls of a
@@ -343,7 +351,7 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
         largest, failure, again = _stable_range(group)
         part = "" if adamw_lr is None else f" (AdamW {adamw_lr:g})"
         cells = [*_lead(group[0], varying), f"{group[0]['setting']['clip']:g}",
-                 "; ".join(f"{row['lr']:g}: {_outcome(row['runs'])}" for row in group),
+                 "; ".join(f"{row['lr']:g}: {_outcome(row['runs'])}{_peaks(row['runs'])}" for row in group),
                  ("none" if largest is None else f"{largest:g}") + part
                  + ("" if not again else f" (holds again at {', '.join(f'{lr:g}' for lr in again)})"),
                  "—" if failure is None else f"{failure['lr']:g}: {_outcome(failure['runs'])}"]
@@ -355,4 +363,6 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
                   "ended above its start) or stalled (a task's final held-out NLL not clearly below its prior). "
                   "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
                   "while the final training loss lies below its best held-out value. "
+                  "Peak ×: each seed's largest training loss of a stream over that stream's first, the "
+                  "quantity the divergence stop line (`--diverge-factor`, 2) is drawn on. "
                   "Clip 0: no gradient clipping.")
