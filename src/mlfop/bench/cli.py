@@ -49,8 +49,10 @@ _HELP = {
     "warmup_fraction": "share of steps of linear warm-up",
     "min_lr_fraction": "cosine decay floor, as a fraction of the peak LR",
     "clip": "gradient-norm clip (0: none)",
-    "diverge_factor": "stop a run as diverged when a stream's train loss exceeds this times its first (0: never; "
-                      "non-finite losses always stop it)",
+    "diverge_factor": "stop a run as diverged at the first step a stream's train loss exceeds this times its first "
+                      "(one step is enough, so a spike the run would recover from counts too; 0: never, and the "
+                      "run diverges only on a non-finite loss, which always stops it, or a held-out loss that ends "
+                      "above its start)",
     "probe_every": "steps between per-layer gen/und gradient heterogeneity probes (0: none)",
     "betas": "beta1 beta2 of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
     "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
