@@ -6,10 +6,10 @@ A ``DIR`` is a run folder or a folder holding run folders at any depth (a study'
 sweep, the seed table (the rates with the most seeds, when more than one), the claims table
 (those rows against the best AdamW and Muon rows: ratios of samples, CPU seconds and Fréchet
 distance, differences of accuracy and gen NLL), the stability table (with each seed's peak
-training loss over its first), held-out curves per model
-and batch, and per-layer heterogeneity figures for the runs with probe records
-(``--probe-every``). Times to target are computed from each run's held-out
-curve, for the targets the runs were given or for ``--targets``.
+training loss over its first), held-out curves per model and batch, and per-layer
+heterogeneity figures for the runs with probe records (``--probe-every``). Times to target are
+computed from each run's held-out curve, for the targets the runs were given or for
+``--targets``.
 """
 
 from __future__ import annotations

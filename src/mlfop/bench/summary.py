@@ -364,5 +364,5 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
                   "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
                   "while the final training loss lies below its best held-out value. "
                   "Peak ×: each seed's largest training loss of a stream over that stream's first, the "
-                  "quantity the divergence stop line (`--diverge-factor`, 2) is drawn on. "
+                  "quantity the divergence stop line (`--diverge-factor`, by default 2) is drawn on. "
                   "Clip 0: no gradient clipping.")
