@@ -168,7 +168,7 @@ def peak_loss_ratio(trains: list[dict]) -> float | None:
     None without finite training losses."""
     first = trains[0] if trains else {}
     ratios = [v / first[k] for r in trains for k in first if k.startswith("loss_") and first[k] > 0
-              for v in [r.get(k)] if isinstance(v, (int, float)) and math.isfinite(v)]
+              if (v := _finite_or_none(r.get(k))) is not None]
     return max(ratios, default=None)
 
 
