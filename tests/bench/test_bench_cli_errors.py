@@ -50,6 +50,7 @@ def test_non_positive_steps(steps, capsys, tmp_path):
     (["--train-samples", "640", "--steps", "3"], ("steps or train_samples",)),
     (["--batch", "4096", "--micro-batch", "2048"], ("exceeds the 1437 training images",)),
     (["--diverge-factor", "0.5"], ("diverge_factor",)),
+    (["--diverge-patience", "0"], ("diverge_patience", ">= 1")),
     (["--lrs", "muon=-1"], ("lrs for muon",)),
     (["--muon-adamw-lrs", "0"], ("muon_adamw_lrs",)),
     (["--outer-lr", "-1"], ("outer_lr", "[0, inf]")),

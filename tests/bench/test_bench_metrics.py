@@ -80,10 +80,22 @@ def test_a_task_learned_then_lost_while_the_training_loss_falls_is_overfit_not_s
 
 def test_divergence_of_a_step():
     first = {"loss_gen": 4.0, "loss_und": 4.5}
-    assert divergence({"loss_gen": 7.9, "loss_und": 1.0}, first, factor=2.0) is None
-    assert divergence({"loss_gen": 8.1, "loss_und": 1.0}, first, factor=2.0) == "exploded"
-    assert divergence({"loss_gen": 80.0, "loss_und": 1.0}, first, factor=0) is None
-    assert divergence({"loss_gen": math.nan, "loss_und": 1.0}, first, factor=0) == "nonfinite"
+    assert divergence({"loss_gen": 7.9, "loss_und": 1.0}, first, factor=2.0) == (None, 0)
+    assert divergence({"loss_gen": 8.1, "loss_und": 1.0}, first, factor=2.0) == ("exploded", 1)
+    assert divergence({"loss_gen": 80.0, "loss_und": 1.0}, first, factor=0) == (None, 0)
+    assert divergence({"loss_gen": math.nan, "loss_und": 1.0}, first, factor=0)[0] == "nonfinite"
+    assert divergence({"loss_gen": math.nan, "loss_und": 1.0}, first, factor=2.0, patience=5)[0] == "nonfinite"
+
+
+def test_divergence_with_patience_needs_consecutive_steps_above_the_line():
+    first = {"loss_gen": 4.0, "loss_und": 4.5}
+    spike, calm = {"loss_gen": 9.0, "loss_und": 1.0}, {"loss_gen": 4.0, "loss_und": 9.0}  # 9 < 2 x 4.5
+    streak, reasons = 0, []
+    for losses in (spike, calm, spike, spike, calm, spike, spike, spike):
+        reason, streak = divergence(losses, first, factor=2.0, patience=3, streak=streak)
+        reasons.append(reason)
+    assert reasons == [None] * 7 + ["exploded"]  # the spikes of 1 and 2 steps are ridden out
+    assert divergence(spike, first, factor=0, patience=1, streak=4) == (None, 0)
 
 
 def test_peak_loss_ratio_is_the_worst_spike_of_any_stream_over_its_first_loss():

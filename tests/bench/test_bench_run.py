@@ -158,14 +158,20 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
     assert matplotlib.image.imread(tmp_path / "report" / "heterogeneity-1.png").ndim == 3
 
 
-def test_a_diverging_run_stops_and_is_flagged(tmp_path, capsys):
+@pytest.mark.parametrize("patience", [1, 3])
+def test_a_diverging_run_stops_and_is_flagged(patience, tmp_path, capsys):
     assert main(["run", *TINY, "--tokenizer", "pix8", "--optimizers", "adamw", "--lrs", "adamw=30", "--clip", "0",
-                 "--diverge-factor", "1.5", "--output", str(tmp_path / "run")]) == 0
+                 "--diverge-factor", "1.5", "--diverge-patience", str(patience), "--output", str(tmp_path / "run")]) == 0
     records = _records(tmp_path / "run")
     final = next(r for r in records if r["kind"] == "final")
-    assert final["diverged"] and final["divergence"] in ("exploded", "nonfinite")
+    assert final["diverged"] and final["divergence"] == "exploded"
     assert final["diverged_step"] == final["step"] < 8
-    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, final["step"] + 1))
+    trains = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in trains] == list(range(1, final["step"] + 1))
+    above = [any(r[k] > 1.5 * trains[0][k] for k in ("loss_gen", "loss_und")) for r in trains]
+    streaks = [all(above[i - patience + 1:i + 1]) for i in range(patience - 1, len(above))]
+    assert streaks[-1] and not any(streaks[:-1])  # stopped at the first run of `patience` steps above the line
+    assert final["step"] >= patience + 1  # the first step sets the line
     assert "diverged (" in capsys.readouterr().out
 
 

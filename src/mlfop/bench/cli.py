@@ -49,10 +49,11 @@ _HELP = {
     "warmup_fraction": "share of steps of linear warm-up",
     "min_lr_fraction": "cosine decay floor, as a fraction of the peak LR",
     "clip": "gradient-norm clip (0: none)",
-    "diverge_factor": "stop a run as diverged at the first step a stream's train loss exceeds this times its first "
-                      "(one step is enough, so a spike the run would recover from counts too; 0: never, and the "
-                      "run diverges only on a non-finite loss, which always stops it, or a held-out loss that ends "
-                      "above its start)",
+    "diverge_factor": "stop a run as diverged once a stream's train loss has exceeded this times its first for "
+                      "--diverge-patience consecutive steps (0: never, and the run diverges only on a non-finite "
+                      "loss, which always stops it, or a held-out loss that ends above its start)",
+    "diverge_patience": "consecutive steps above the --diverge-factor line that stop a run (1: the first, so a "
+                        "one-step spike the run would recover from counts as a divergence too)",
     "probe_every": "steps between per-layer gen/und gradient heterogeneity probes (0: none)",
     "betas": "beta1 beta2 of every Adam-type optimizer (muon, fop-muon: their AdamW part)",
     "weight_decay": "decoupled weight decay of every Adam-type optimizer (muon, fop-muon: their AdamW part)",

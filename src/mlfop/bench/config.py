@@ -91,6 +91,7 @@ class RunConfig:
     min_lr_fraction: float = 0.1  # cosine decays to this fraction of the peak LR
     clip: float = 1.0  # gradient-norm clip (0: none)
     diverge_factor: float = 2.0  # stop a run whose stream train loss exceeds this times its first (0: never)
+    diverge_patience: int = 1  # ... for this many consecutive steps (1: a one-step spike stops it)
     probe_every: int = 0  # steps between per-layer heterogeneity probes (0: none)
     betas: tuple[float, float] = (0.95, 0.95)
     weight_decay: float = 0.01
@@ -219,6 +220,9 @@ class RunConfig:
             raise BenchError(f"betas: two numbers in [0, 1), got {self.betas!r}")
         if not _is_number(self.diverge_factor) or not (self.diverge_factor == 0 or 1 < self.diverge_factor < math.inf):
             raise BenchError(f"diverge_factor: 0 (never stop) or a finite number above 1, got {self.diverge_factor!r}")
+        if isinstance(self.diverge_patience, bool) or not isinstance(self.diverge_patience, int) or (
+                self.diverge_patience < 1):
+            raise BenchError(f"diverge_patience: a whole number of steps >= 1, got {self.diverge_patience!r}")
         self._check_stream_weights()
         return self
 

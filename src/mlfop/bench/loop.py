@@ -3,8 +3,8 @@
 Each step accumulates the global batch from per-stream micro-batches (one backward each, then the
 contender's gradient route, e.g. ML-FOP-SOAP's ``fold``), clips the gradient norm (unless
 ``clip`` is 0), steps the optimizers and their warm-up + cosine schedules. A step whose stream
-loss is non-finite, or above ``diverge_factor`` times that stream's first loss, stops the run as
-diverged. Every ``eval_every`` steps (and at the start and the end) it evaluates on the held-out
+loss is non-finite stops the run as diverged, and so does a stream loss above ``diverge_factor``
+times that stream's first for ``diverge_patience`` consecutive steps. Every ``eval_every`` steps (and at the start and the end) it evaluates on the held-out
 split and saves a checkpoint; every ``probe_every`` steps (and at the first) it records the
 streams' per-layer heterogeneity (:mod:`mlfop.bench.heterogeneity`). A resumed run restarts from
 the last checkpoint and, since batches are a function of ``(seed, step)``, ends with exactly the
@@ -59,14 +59,18 @@ def lr_factor(step: int, warmup: int, steps: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def divergence(losses: dict[str, float], first: dict[str, float], factor: float) -> str | None:
-    """``"nonfinite"``, ``"exploded"`` (a loss above ``factor`` times the stream's ``first``;
-    never when ``factor`` is 0) or None."""
+def divergence(losses: dict[str, float], first: dict[str, float], factor: float, patience: int = 1,
+               streak: int = 0) -> tuple[str | None, int]:
+    """Why a run stops after this step's ``losses``, and the streak of consecutive steps, this
+    one included, on which a stream's loss stood above ``factor`` times its ``first`` (``streak``:
+    the streak before this step; no step is above the line when ``factor`` is 0). The reason is
+    ``"nonfinite"`` on a non-finite loss, ``"exploded"`` once the streak reaches ``patience``
+    (1: the first step above the line, so a one-step spike counts too), otherwise None."""
     if not all(math.isfinite(v) for v in losses.values()):
-        return "nonfinite"
-    if factor and any(losses[k] > factor * first[k] for k in losses):
-        return "exploded"
-    return None
+        return "nonfinite", streak
+    above = bool(factor) and any(losses[k] > factor * first[k] for k in losses)
+    streak = streak + 1 if above else 0
+    return ("exploded" if streak >= patience and above else None), streak
 
 
 def start(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan
@@ -89,7 +93,7 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
     state = folder.load_checkpoint(spec.name) if resume else None
     progress = _restore(state, model, contender, schedulers) if state is not None else {
         "step": 0, "clock": {"train_seconds": 0.0, "train_cpu_seconds": 0.0}, "evals": [], "first_losses": None,
-        "stopped": None}
+        "stopped": None, "above_line": 0}
     step, clock, evals = progress["step"], progress["clock"], progress["evals"]
     # a killed attempt's records and events after the checkpoint (all of them without one) are redone
     folder.discard_after(spec.name, step if state is not None else -1)
@@ -112,7 +116,9 @@ def train(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan, re
             step += 1
             kill_point("step")
             progress["first_losses"] = progress["first_losses"] or losses
-            progress["stopped"] = divergence(losses, progress["first_losses"], config.diverge_factor)
+            progress["stopped"], progress["above_line"] = divergence(
+                losses, progress["first_losses"], config.diverge_factor, config.diverge_patience,
+                progress.get("above_line", 0))  # checkpoints before diverge_patience lack the streak
             record = {"kind": "train", "run": spec.name, "step": step, "lr": lr, **clock, **losses, **diagnostics}
             folder.append(record)
             _log(writer, "train", record)
