@@ -6,8 +6,8 @@ import numpy as np
 from scipy import linalg
 
 from mlfop.bench.data import DigitsData, load_split
-from mlfop.bench.loop import divergence
-from mlfop.bench.metrics import frechet_distance, peak_loss_ratio, references, run_flags, time_to_targets
+from mlfop.bench.metrics import (divergence, frechet_distance, longest_run_above, peak_loss_ratio, references, run_flags,
+                                 time_to_targets)
 from mlfop.bench.tokenizers import Pix8
 
 
@@ -107,3 +107,14 @@ def test_peak_loss_ratio_is_the_worst_spike_of_any_stream_over_its_first_loss():
     assert peak_loss_ratio(trains[:1]) == 1.0
     assert peak_loss_ratio([]) is None
     assert peak_loss_ratio([{"step": 1, "loss_gen": math.inf}]) is None
+
+
+def test_longest_run_above_counts_consecutive_steps_of_any_stream_above_the_line():
+    first = {"step": 1, "loss_gen": 4.0, "loss_und": 3.0, "grad_norm": 1.0}
+    losses = [(9.0, 1.0), (1.0, 1.0), (1.0, 7.0), (8.5, 1.0), (None, 1.0), (1.0, 6.5), (1.0, 1.0)]
+    trains = [first] + [{"step": i + 2, "loss_gen": g, "loss_und": u, "grad_norm": 99.0}
+                        for i, (g, u) in enumerate(losses)]
+    assert longest_run_above(trains, 2.0) == 2  # und then gen (steps 4-5); a missing loss breaks the run
+    assert longest_run_above(trains, 2.2) == 1  # 9 and 7 pass this line, 8.5 and 6.5 do not
+    assert longest_run_above(trains, 3.0) == 0
+    assert longest_run_above(trains[:1], 2.0) == 0 and longest_run_above([], 2.0) == 0

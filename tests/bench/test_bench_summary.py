@@ -151,3 +151,6 @@ def test_stability_outcomes_give_each_seeds_peak_training_loss_in_seed_order():
     finals[1]["peak_loss_ratio"] = 1.5
     line = _rows(stability_table(aggregate(finals)))[0]
     assert "| 0.01: ok; 0.1: diverged (exploded) 1/2 (peak ×1.50, 2.35) |" in line  # none known: nothing
+    finals[0]["run_above_line"], finals[1]["run_above_line"] = 3, 0  # seed 1 spent 3 steps above the line
+    line = _rows(stability_table(aggregate(finals)))[0]
+    assert "0.1: diverged (exploded) 1/2 (peak ×1.50, 2.35; steps in a row above the line: 0, 3) |" in line

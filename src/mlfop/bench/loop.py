@@ -27,13 +27,13 @@ from tqdm import tqdm
 from mlfop.bench.config import RunConfig
 from mlfop.bench.data import DigitsData, derived_seed
 from mlfop.bench.heterogeneity import StreamProbe
-from mlfop.bench.metrics import evaluate, run_flags, time_to_targets
+from mlfop.bench.metrics import divergence, evaluate, run_flags, time_to_targets
 from mlfop.bench.models import TinyModel, build_model
 from mlfop.bench.objective import StepPlan, stream_nll
 from mlfop.bench.optimizers import Contender, build_contender
 from mlfop.bench.runfolder import RunFolder, kill_point
 
-__all__ = ["RunSpec", "start", "train", "train_step", "lr_factor", "divergence"]
+__all__ = ["RunSpec", "start", "train", "train_step", "lr_factor"]
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,6 @@ def lr_factor(step: int, warmup: int, steps: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def divergence(losses: dict[str, float], first: dict[str, float], factor: float, patience: int = 1,
-               streak: int = 0) -> tuple[str | None, int]:
-    """Why a run stops after this step's ``losses``, and the streak of consecutive steps, this
-    one included, on which a stream's loss stood above ``factor`` times its ``first`` (``streak``:
-    the streak before this step; no step is above the line when ``factor`` is 0). The reason is
-    ``"nonfinite"`` on a non-finite loss, ``"exploded"`` once the streak reaches ``patience``
-    (1: the first step above the line, so a one-step spike counts too), otherwise None."""
-    if not all(math.isfinite(v) for v in losses.values()):
-        return "nonfinite", streak
-    above = bool(factor) and any(losses[k] > factor * first[k] for k in losses)
-    streak = streak + 1 if above else 0
-    return ("exploded" if streak >= patience and above else None), streak
 
 
 def start(spec: RunSpec, config: RunConfig, data: DigitsData, plan: StepPlan

@@ -27,7 +27,7 @@ from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
 
 __all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
-           "run_flags", "lowest", "peak_loss_ratio", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
+           "run_flags", "lowest", "divergence", "peak_loss_ratio", "longest_run_above", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
 
 STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is not this far below its prior may be stalled
 STALL_ACCURACY = 0.2  # understanding must also be at most this accurate (chance is 0.1) to be stalled
@@ -161,6 +161,20 @@ def run_flags(evals: list[dict], refs: dict[str, float], stopped: str | None,
             **{f"overfit_{task}": overfits[task] for task in stalled}}
 
 
+def divergence(losses: dict[str, float], first: dict[str, float], factor: float, patience: int = 1,
+               streak: int = 0) -> tuple[str | None, int]:
+    """Why a run stops after this step's ``losses``, and the streak of consecutive steps, this
+    one included, on which a stream's loss stood above ``factor`` times its ``first`` (``streak``:
+    the streak before this step; no step is above the line when ``factor`` is 0). The reason is
+    ``"nonfinite"`` on a non-finite loss, ``"exploded"`` once the streak reaches ``patience``
+    (1: the first step above the line, so a one-step spike counts too), otherwise None."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        return "nonfinite", streak
+    above = bool(factor) and any(losses[k] > factor * first[k] for k in losses)
+    streak = streak + 1 if above else 0
+    return ("exploded" if streak >= patience and above else None), streak
+
+
 def peak_loss_ratio(trains: list[dict]) -> float | None:
     """:math:`\\max_{t,k} L_k(t) / L_k(1)` over a run's training records: its worst loss spike
     against each stream's first loss, the quantity the loop's ``diverge_factor`` stops on (a run
@@ -170,6 +184,20 @@ def peak_loss_ratio(trains: list[dict]) -> float | None:
     ratios = [v / first[k] for r in trains for k in first if k.startswith("loss_") and first[k] > 0
               if (v := _finite_or_none(r.get(k))) is not None]
     return max(ratios, default=None)
+
+
+def longest_run_above(trains: list[dict], factor: float) -> int:
+    """The most consecutive training records on which a stream's loss stood above ``factor`` times
+    its first: what ``diverge_patience`` counts (a run whose longest run is below the patience
+    would not have been stopped at that line)."""
+    first = {k: v for k, v in (trains[0] if trains else {}).items()
+             if k.startswith("loss_") and _finite_or_none(v) is not None}
+    streak = longest = 0
+    for record in trains:
+        losses = {k: v for k in first if (v := _finite_or_none(record.get(k))) is not None}
+        _, streak = divergence(losses, first, factor, streak=streak)
+        longest = max(longest, streak)
+    return longest
 
 
 def lowest(evals: list[dict], key: str) -> float | None:

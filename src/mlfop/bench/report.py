@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError
-from mlfop.bench.metrics import lowest, peak_loss_ratio, run_flags, time_to_targets
+from mlfop.bench.config import METRICS, OPTIMIZERS, BenchError, RunConfig
+from mlfop.bench.metrics import longest_run_above, lowest, peak_loss_ratio, run_flags, time_to_targets
 from mlfop.bench.plots import plot_aggregate, plot_heterogeneity
 from mlfop.bench.runfolder import RunFolder
 from mlfop.bench.summary import (aggregate, best_rate_table, claims_table, group_label, markdown_table, most_seeded,
@@ -88,7 +88,8 @@ def check_report_input(sources: list[str], output: str, targets: dict[str, float
 def load_finals(sources: list[str], targets: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float], list[Path]]:
     """The final records of the sources' runs, each with its ``setting``, held-out ``curve`` and
-    ``probes``, times to target recomputed for the targets (returned too) and flags recomputed
+    ``probes``, peak loss ratio and longest run of steps above the divergence line (its own, or
+    the default's where it had none), times to target recomputed for the targets (returned too) and flags recomputed
     from the curve and the folder's references (runs of older versions gain the newer flags;
     a folder without references keeps its stored ones); and the unfinished folders found."""
     targets = _targets(sources, targets)
@@ -99,18 +100,20 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
         for path in found:
             folder = RunFolder(path)
             config = folder.read_json("config.json")
+            line = config.get("diverge_factor") or RunConfig.diverge_factor  # a run without one: the default's
             records = folder.records()
             refs = folder.read_json("references.json") if (path / "references.json").exists() else None
             for final in (r for r in records if r["kind"] == "final"):
                 if chosen is not None and final["optimizer"] not in chosen:
                     continue
                 mine = [r for r in records if r["run"] == final["run"]]
-                curve = [r for r in mine if r["kind"] == "eval"]
+                curve, trains = ([r for r in mine if r["kind"] == kind] for kind in ("eval", "train"))
                 stopped = final["divergence"] if final.get("diverged_step") is not None else None  # the loop's stop
                 flags = {} if refs is None else run_flags(curve, refs, stopped, final)  # else the stored ones
                 finals.append({**final, **time_to_targets(curve, targets, final["batch"]), **flags,
                                "best_gen_nll": lowest(curve, "gen_nll"),
-                               "peak_loss_ratio": peak_loss_ratio([r for r in mine if r["kind"] == "train"]),
+                               "peak_loss_ratio": peak_loss_ratio(trains),
+                               "run_above_line": longest_run_above(trains, line),
                                "setting": setting(config, final["optimizer"]), "curve": curve,
                                "probes": [r for r in mine if r["kind"] == "probe"]})
     return finals, targets, unfinished

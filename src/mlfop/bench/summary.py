@@ -319,10 +319,15 @@ def _outcome(runs: list[dict]) -> str:
 
 def _peaks(runs: list[dict]) -> str:
     """The seeds' peak training loss over the first (:func:`mlfop.bench.metrics.peak_loss_ratio`),
-    in seed order: how close each came to the divergence stop line."""
-    peaks = [r.get("peak_loss_ratio") for r in sorted(runs, key=lambda r: r["seed"])]
-    return "" if all(p is None for p in peaks) else " (peak ×" + ", ".join(
-        "—" if p is None else f"{p:.2f}" for p in peaks) + ")"
+    in seed order: how close each came to the divergence stop line; and, where a seed passed it,
+    each seed's longest run of consecutive steps above it (what ``--diverge-patience`` counts)."""
+    seeds = sorted(runs, key=lambda r: r["seed"])
+    peaks, above = ([r.get(key) for r in seeds] for key in ("peak_loss_ratio", "run_above_line"))
+    if all(p is None for p in peaks):
+        return ""
+    streaks = "" if not any(above) else "; steps in a row above the line: " + ", ".join(
+        "—" if n is None else str(n) for n in above)
+    return " (peak ×" + ", ".join("—" if p is None else f"{p:.2f}" for p in peaks) + streaks + ")"
 
 
 def _stable_range(group: list[dict]) -> tuple[float | None, dict | None, list[float]]:
@@ -365,5 +370,8 @@ def stability_table(rows: list[dict[str, Any]]) -> str:
                   "Overfit (noted, not a failure): the held-out NLL went clearly below its prior and then back, "
                   "while the final training loss lies below its best held-out value. "
                   "Peak ×: each seed's largest training loss of a stream over that stream's first, the "
-                  "quantity the divergence stop line (`--diverge-factor`, by default 2) is drawn on. "
+                  "quantity the divergence stop line (`--diverge-factor`, by default 2) is drawn on; where a seed "
+                  "passed the line, each seed's longest run of consecutive steps above it (a run stops once "
+                  "that reaches `--diverge-patience`, by default 1, so a longest run of 1 is a one-step "
+                  "spike). "
                   "Clip 0: no gradient clipping.")
