@@ -6,8 +6,8 @@ import numpy as np
 from scipy import linalg
 
 from mlfop.bench.data import DigitsData, load_split
-from mlfop.bench.metrics import (divergence, frechet_distance, longest_run_above, peak_loss_ratio, references, run_flags,
-                                 time_to_targets)
+from mlfop.bench.metrics import (divergence, frechet_distance, longest_run_above, peak_loss_ratio, references,
+                                 run_flags, time_to_targets)
 from mlfop.bench.tokenizers import Pix8
 
 

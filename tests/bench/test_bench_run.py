@@ -161,7 +161,8 @@ def test_report_aggregates_folders(reference_run, tmp_path, capsys):
 @pytest.mark.parametrize("patience", [1, 3])
 def test_a_diverging_run_stops_and_is_flagged(patience, tmp_path, capsys):
     assert main(["run", *TINY, "--tokenizer", "pix8", "--optimizers", "adamw", "--lrs", "adamw=30", "--clip", "0",
-                 "--diverge-factor", "1.5", "--diverge-patience", str(patience), "--output", str(tmp_path / "run")]) == 0
+                 "--diverge-factor", "1.5", "--diverge-patience", str(patience),
+                 "--output", str(tmp_path / "run")]) == 0
     records = _records(tmp_path / "run")
     final = next(r for r in records if r["kind"] == "final")
     assert final["diverged"] and final["divergence"] == "exploded"

@@ -4,9 +4,10 @@ Each step accumulates the global batch from per-stream micro-batches (one backwa
 contender's gradient route, e.g. ML-FOP-SOAP's ``fold``), clips the gradient norm (unless
 ``clip`` is 0), steps the optimizers and their warm-up + cosine schedules. A step whose stream
 loss is non-finite stops the run as diverged, and so does a stream loss above ``diverge_factor``
-times that stream's first for ``diverge_patience`` consecutive steps. Every ``eval_every`` steps (and at the start and the end) it evaluates on the held-out
-split and saves a checkpoint; every ``probe_every`` steps (and at the first) it records the
-streams' per-layer heterogeneity (:mod:`mlfop.bench.heterogeneity`). A resumed run restarts from
+times that stream's first for ``diverge_patience`` consecutive steps. Every ``eval_every`` steps
+(and at the start and the end) it evaluates on the held-out split and saves a checkpoint; every
+``probe_every`` steps (and at the first) it records the streams' per-layer heterogeneity
+(:mod:`mlfop.bench.heterogeneity`). A resumed run restarts from
 the last checkpoint and, since batches are a function of ``(seed, step)``, ends with exactly the
 metrics of an uninterrupted run (timings aside).
 """

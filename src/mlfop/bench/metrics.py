@@ -27,7 +27,8 @@ from mlfop.bench.models import TinyModel
 from mlfop.bench.objective import digit_logits, stream_nll, tokens_per_sequence
 
 __all__ = ["references", "independent_sampler_nll", "frechet_distance", "evaluate", "time_to_targets",
-           "run_flags", "lowest", "divergence", "peak_loss_ratio", "longest_run_above", "STALL_MARGIN", "STALL_ACCURACY", "SMOOTHING"]
+           "run_flags", "lowest", "divergence", "peak_loss_ratio", "longest_run_above", "STALL_MARGIN",
+           "STALL_ACCURACY", "SMOOTHING"]
 
 STALL_MARGIN = 0.05  # nats: a task whose final held-out NLL is not this far below its prior may be stalled
 STALL_ACCURACY = 0.2  # understanding must also be at most this accurate (chance is 0.1) to be stalled

@@ -89,9 +89,10 @@ def load_finals(sources: list[str], targets: dict[str, float] | None = None
                 ) -> tuple[list[dict[str, Any]], dict[str, float], list[Path]]:
     """The final records of the sources' runs, each with its ``setting``, held-out ``curve`` and
     ``probes``, peak loss ratio and longest run of steps above the divergence line (its own, or
-    the default's where it had none), times to target recomputed for the targets (returned too) and flags recomputed
-    from the curve and the folder's references (runs of older versions gain the newer flags;
-    a folder without references keeps its stored ones); and the unfinished folders found."""
+    the default's where it had none), times to target recomputed for the targets (returned too)
+    and flags recomputed from the curve and the folder's references (runs of older versions gain
+    the newer flags; a folder without references keeps its stored ones); and the unfinished
+    folders found."""
     targets = _targets(sources, targets)
     finals, unfinished = [], []
     for directory, chosen in map(parse_source, sources):
