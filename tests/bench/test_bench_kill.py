@@ -120,3 +120,21 @@ def test_a_folder_in_use_is_refused(fork, tmp_path, capsys):
         lock.flush()
         _refused(["run", "--resume", "--output", str(out)], capsys, "in use by a running mlfop-bench (pid 4242)")
         _refused(["run", *ARGS, "--output", str(out)], capsys, "in use")
+
+
+def test_a_resume_inside_a_run_of_steps_above_the_divergence_line_keeps_counting(fork, tmp_path):
+    """The streak --diverge-patience counts is part of the checkpoint: a run killed after its
+    second step, already above the line, stops where the uninterrupted run stops."""
+    spiking = [*ARGS[:-1], "adamw=30", "--clip", "0", "--eval-every", "1", "--diverge-factor", "1.5",
+               "--diverge-patience", "3"]
+    assert main(["run", *spiking, "--output", str(tmp_path / "whole")]) == 0
+    whole = _records(tmp_path / "whole")
+    trains = [r for r in whole if r["kind"] == "train"]
+    above = [r["loss_gen"] > 1.5 * trains[0]["loss_gen"] or r["loss_und"] > 1.5 * trains[0]["loss_und"]
+             for r in trains]
+    final = next(r for r in whole if r["kind"] == "final")
+    assert final["divergence"] == "exploded" and final["diverged_step"] == 4 and above[1:4] == [True] * 3
+    code, log = fork(["run", *spiking, "--output", str(tmp_path / "cut")], {KILL_AT: "step@3"}, tmp_path / "log")
+    assert code == -signal.SIGKILL, log
+    assert main(["run", "--resume", "--output", str(tmp_path / "cut")]) == 0  # from the checkpoint of step 2
+    assert _records(tmp_path / "cut") == whole
