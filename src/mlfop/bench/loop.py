@@ -7,9 +7,9 @@ loss is non-finite stops the run as diverged, and so does a stream loss above ``
 times that stream's first for ``diverge_patience`` consecutive steps. Every ``eval_every`` steps
 (and at the start and the end) it evaluates on the held-out split and saves a checkpoint; every
 ``probe_every`` steps (and at the first) it records the streams' per-layer heterogeneity
-(:mod:`mlfop.bench.heterogeneity`). A resumed run restarts from
-the last checkpoint and, since batches are a function of ``(seed, step)``, ends with exactly the
-metrics of an uninterrupted run (timings aside).
+(:mod:`mlfop.bench.heterogeneity`). A resumed run restarts from the last checkpoint and, since
+batches are a function of ``(seed, step)``, ends with exactly the metrics of an uninterrupted run
+(timings aside).
 """
 
 from __future__ import annotations

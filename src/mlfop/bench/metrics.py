@@ -173,7 +173,7 @@ def divergence(losses: dict[str, float], first: dict[str, float], factor: float,
         return "nonfinite", streak
     above = bool(factor) and any(losses[k] > factor * first[k] for k in losses)
     streak = streak + 1 if above else 0
-    return ("exploded" if streak >= patience and above else None), streak
+    return ("exploded" if streak >= patience else None), streak
 
 
 def peak_loss_ratio(trains: list[dict]) -> float | None:

@@ -25,8 +25,7 @@ COLUMNS = (("gen_nll", "gen NLL", 3), ("best_gen_nll", "best gen NLL", 3), ("und
            ("loss_und", "train und", 3))
 # Config keys that do not change what a run trains (or that the table shows in their own columns).
 _NOT_SETTING = ("seeds", "output", "optimizers", "lrs", "muon_adamw_lrs", "threads", "targets", "eval_every",
-                "samples", "train_samples", "probe_every", "diverge_factor",
-                "diverge_patience")
+                "samples", "train_samples", "probe_every", "diverge_factor", "diverge_patience")
 _FAILURES = ("diverged", "stalled_gen", "stalled_und")
 _FLAGS = (*_FAILURES, "overfit_gen", "overfit_und")  # overfitting: learned, then lost held out
 
